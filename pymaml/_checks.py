@@ -1,0 +1,82 @@
+"""Input validation shared by the compiled ops wrapper and the pure-torch reference.
+
+Every error names the op and the offending values, e.g.
+``sgd_update: params and grads differ in length: 12 vs 11``.
+Both backends call the same checks, so they reject exactly the same inputs.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+LrLike = Union[float, Tensor, Sequence[Tensor]]
+
+
+def as_list(op: str, name: str, tensors) -> list:
+    if isinstance(tensors, Tensor):
+        raise TypeError(f"{op}: {name} must be a list or tuple of tensors, got a single Tensor")
+    try:
+        out = list(tensors)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be a list or tuple of tensors, got {type(tensors).__name__}") from None
+    for i, t in enumerate(out):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a Tensor")
+    return out
+
+
+def check_floating(op: str, name: str, tensors: Sequence[Tensor]) -> None:
+    for i, t in enumerate(tensors):
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype}; only floating-point tensors are supported")
+
+
+def check_pairs(op: str, names: Sequence[str], lists: Sequence[Sequence[Tensor]]) -> None:
+    """Same length, and per index the same shape, dtype and device as the first list."""
+    ref_name, ref = names[0], lists[0]
+    for name, other in zip(names[1:], lists[1:]):
+        if len(other) != len(ref):
+            raise ValueError(f"{op}: {ref_name} and {name} differ in length: {len(ref)} vs {len(other)}")
+    check_floating(op, ref_name, ref)
+    for name, other in zip(names[1:], lists[1:]):
+        for i, (a, b) in enumerate(zip(ref, other)):
+            if a.shape != b.shape:
+                raise ValueError(
+                    f"{op}: {ref_name}[{i}] and {name}[{i}] differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+            if a.device != b.device:
+                raise ValueError(f"{op}: {ref_name}[{i}] is on {a.device} but {name}[{i}] is on {b.device}")
+            if a.dtype != b.dtype:
+                raise TypeError(f"{op}: {ref_name}[{i}] has dtype {a.dtype} but {name}[{i}] has dtype {b.dtype}")
+
+
+def normalize_lr(op: str, lr: LrLike, params: Sequence[Tensor], name: str = "lr"):
+    """Returns ("float", float) | ("shared", 0-d Tensor) | ("list", list[Tensor]).
+
+    A list entry is either one number for its tensor (numel 1) or one per element (the param's shape).
+    """
+    if isinstance(lr, bool):
+        raise TypeError(f"{op}: {name} must be a float, a 0-d Tensor or a list of Tensors, got bool")
+    if isinstance(lr, (int, float)):
+        return "float", float(lr)
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{op}: a single Tensor {name} must hold one number, got shape {tuple(lr.shape)}; "
+                             f"pass a list for per-tensor or per-element step sizes")
+        if not lr.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name} has dtype {lr.dtype}; only floating-point step sizes are supported")
+        if params and lr.device != params[0].device and lr.device.type != "cpu":
+            raise ValueError(f"{op}: {name} is on {lr.device} but params[0] is on {params[0].device}")
+        return "shared", lr
+    lrs = as_list(op, name, lr)
+    if len(lrs) != len(params):
+        raise ValueError(f"{op}: {name} has {len(lrs)} entries but there are {len(params)} params")
+    check_floating(op, name, lrs)
+    for i, (a, p) in enumerate(zip(lrs, params)):
+        if a.numel() != 1 and a.shape != p.shape:
+            raise ValueError(f"{op}: {name}[{i}] has shape {tuple(a.shape)}; expected one number or the "
+                             f"shape of params[{i}], {tuple(p.shape)}")
+        if a.device != p.device:
+            raise ValueError(f"{op}: {name}[{i}] is on {a.device} but params[{i}] is on {p.device}")
+    return "list", lrs

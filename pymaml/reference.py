@@ -1,0 +1,200 @@
+"""Pure-torch reference of every pymaml op.
+
+This module is two things at once: the fallback used when the compiled extension is missing (or
+``PYMAML_BACKEND=torch``), and the oracle the tests compare the compiled kernels against.
+``pymaml.ops`` exposes exactly these names and signatures.
+
+Contract shared by every op
+---------------------------
+* Tensor lists are Python lists/tuples; entries may mix dtypes (float16, bfloat16, float32, float64)
+  and devices across indices, but index ``i`` of every list must agree in shape, dtype and device.
+* Arithmetic for float16/bfloat16 is done in float32 and rounded once on the way out, which is
+  what the fused kernels do. Reductions accumulate in float32 (float64 for float64 inputs).
+* Step sizes ``lr`` come in four forms:
+  - a Python float (fixed, not differentiable);
+  - a 0-d (or one-element) Tensor shared by every parameter, never read on the host (no sync);
+  - a list with one one-element Tensor per parameter (per-tensor, MAML++/LSLR);
+  - a list with one Tensor of the parameter's shape per parameter (per-element, Meta-SGD).
+  A list may mix the last two forms.
+* Out-of-place ops are differentiable (any order) in every tensor argument. In-place ops (trailing
+  underscore) are for no-grad use.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ._checks import LrLike, as_list, check_floating, check_pairs, normalize_lr
+
+__all__ = [
+    "sgd_update", "sgd_update_", "backward_step", "fd_perturb", "fd_quotient",
+    "global_norm", "clip_grad_norm_",
+]
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _opmath(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in _LOW else t
+
+
+def _lr_for(kind, lr, i: int, like: Tensor):
+    """The step size for parameter i, in the opmath dtype of ``like``, broadcastable to it."""
+    if kind == "float":
+        return lr
+    a = lr if kind == "shared" else lr[i]
+    dt = torch.float32 if like.dtype in _LOW else like.dtype
+    a = a.to(device=like.device, dtype=dt)
+    return a.reshape(()) if a.numel() == 1 else a
+
+
+def _reduce_lr_grad(kind, lr, per_param: List[Tensor]):
+    """Turn per-parameter element-wise d/dα into the gradient of each α form."""
+    if kind == "float":
+        return None
+    if kind == "shared":
+        total = sum((g.sum(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
+                     .to(lr.device) for g in per_param), torch.zeros((), device=lr.device, dtype=torch.float64 if lr.dtype == torch.float64 else torch.float32))
+        return total.to(lr.dtype).reshape(lr.shape)
+    out = []
+    for a, g in zip(lr, per_param):
+        if a.numel() == 1:
+            out.append(g.sum().to(a.dtype).reshape(a.shape))
+        else:
+            out.append(g.to(a.dtype))
+    return out
+
+
+def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
+               weight_decay: float = 0.0) -> List[Tensor]:
+    """θ'_i = θ_i − α_i ⊙ (g_i + weight_decay · θ_i), a new list; differentiable in θ, g and α."""
+    op = "sgd_update"
+    params = as_list(op, "params", params)
+    grads = as_list(op, "grads", grads)
+    check_pairs(op, ("params", "grads"), (params, grads))
+    kind, lr = normalize_lr(op, lr, params)
+    out = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        p32, g32 = _opmath(p), _opmath(g)
+        d = g32 + weight_decay * p32 if weight_decay else g32
+        out.append((p32 - _lr_for(kind, lr, i, p) * d).to(p.dtype))
+    return out
+
+
+def sgd_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
+                weight_decay: float = 0.0) -> None:
+    """In-place θ_i ← θ_i − α_i ⊙ (g_i + weight_decay · θ_i). For no-grad use."""
+    op = "sgd_update_"
+    params = as_list(op, "params", params)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        raise RuntimeError(f"{op}: params require grad; the in-place update is for no-grad use. "
+                           f"Wrap the call in torch.no_grad() or use sgd_update (out of place).")
+    new = sgd_update(params, grads, lr, weight_decay)
+    with torch.no_grad():
+        for p, n in zip(params, new):
+            p.copy_(n)
+
+
+def backward_step(v: Sequence[Tensor], hvp: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
+                  next_lr: Optional[LrLike] = None
+                  ) -> Tuple[List[Tensor], Union[None, Tensor, List[Tensor]], Optional[List[Tensor]]]:
+    """One step of the adjoint recursion of the exact meta-gradient, in one pass.
+
+    Inputs at step i: ``v`` = v_{i+1}, ``hvp`` = H_i (α_i ⊙ v_{i+1}), ``grads`` = g_i (the inner
+    gradient that step i applied), ``lr`` = α_i, ``next_lr`` = α_{i-1} (None at i = 0).
+    Returns
+      v_out   = v − hvp                                       (v_i)
+      lr_grad = −g ⊙ v reduced to α_i's form: None for a float α, a 0-d Tensor (sum over all) for
+                a shared Tensor α, per tensor a one-element sum or an element-wise tensor for a list
+      u_next  = α_{i-1} ⊙ v_out, the direction of the next HVP (None when next_lr is None)
+    """
+    op = "backward_step"
+    v = as_list(op, "v", v)
+    hvp = as_list(op, "hvp", hvp)
+    grads = as_list(op, "grads", grads)
+    check_pairs(op, ("v", "hvp", "grads"), (v, hvp, grads))
+    kind, lr = normalize_lr(op, lr, v)
+    nkind, nlr = (None, None) if next_lr is None else normalize_lr(op, next_lr, v, "next_lr")
+    v_out, dlr, u_next = [], [], []
+    for i, (vi, hi, gi) in enumerate(zip(v, hvp, grads)):
+        v32 = _opmath(vi)
+        vo = v32 - _opmath(hi)
+        v_out.append(vo.to(vi.dtype))
+        if kind != "float":
+            dlr.append(-(_opmath(gi) * v32))
+        if nkind is not None:
+            u_next.append((_lr_for(nkind, nlr, i, vi) * vo).to(vi.dtype))
+    return v_out, _reduce_lr_grad(kind, lr, dlr), (u_next if nkind is not None else None)
+
+
+def _eps_for(op: str, eps, like: Tensor):
+    if isinstance(eps, Tensor):
+        if eps.numel() != 1:
+            raise ValueError(f"{op}: eps must hold one number, got shape {tuple(eps.shape)}")
+        return eps.to(device=like.device, dtype=torch.float32 if like.dtype in _LOW else like.dtype).reshape(())
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        raise TypeError(f"{op}: eps must be a float or a one-element Tensor, got {type(eps).__name__}")
+    if eps == 0:
+        raise ValueError(f"{op}: eps must be non-zero, got {eps}")
+    return float(eps)
+
+
+def fd_perturb(params: Sequence[Tensor], direction: Sequence[Tensor], eps) -> Tuple[List[Tensor], List[Tensor]]:
+    """(θ + ε u, θ − ε u) in one pass; ε a float or a one-element Tensor (kept on the device)."""
+    op = "fd_perturb"
+    params = as_list(op, "params", params)
+    direction = as_list(op, "direction", direction)
+    check_pairs(op, ("params", "direction"), (params, direction))
+    plus, minus = [], []
+    for p, u in zip(params, direction):
+        e = _eps_for(op, eps, p)
+        p32, step = _opmath(p), e * _opmath(u)
+        plus.append((p32 + step).to(p.dtype))
+        minus.append((p32 - step).to(p.dtype))
+    return plus, minus
+
+
+def fd_quotient(grads_plus: Sequence[Tensor], grads_minus: Sequence[Tensor], eps) -> List[Tensor]:
+    """(g₊ − g₋) / 2ε, the central difference estimate of H u."""
+    op = "fd_quotient"
+    gp = as_list(op, "grads_plus", grads_plus)
+    gm = as_list(op, "grads_minus", grads_minus)
+    check_pairs(op, ("grads_plus", "grads_minus"), (gp, gm))
+    out = []
+    for a, b in zip(gp, gm):
+        e = _eps_for(op, eps, a)
+        out.append(((_opmath(a) - _opmath(b)) / (2 * e)).to(a.dtype))
+    return out
+
+
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """‖concat(tensors)‖₂ as a 0-d tensor on the first tensor's device (float64 if any input is
+    float64, else float32). Never synchronises with the host."""
+    op = "global_norm"
+    tensors = as_list(op, "tensors", tensors)
+    check_floating(op, "tensors", tensors)
+    if not tensors:
+        raise ValueError(f"{op}: tensors is empty")
+    dev = tensors[0].device
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    sq = torch.zeros((), device=dev, dtype=acc)
+    for t in tensors:
+        sq = sq + _opmath(t).to(acc).square().sum().to(dev)
+    return sq.sqrt()
+
+
+def clip_grad_norm_(tensors: Sequence[Tensor], max_norm: float, eps: float = 1e-6) -> Tensor:
+    """Scales tensors in place by min(1, max_norm / (‖·‖ + eps)) without a host sync; returns the
+    norm before clipping (as torch.nn.utils.clip_grad_norm_ does)."""
+    op = "clip_grad_norm_"
+    if not max_norm > 0:
+        raise ValueError(f"{op}: max_norm must be positive, got {max_norm}")
+    tensors = as_list(op, "tensors", tensors)
+    norm = global_norm(tensors)
+    scale = (max_norm / (norm + eps)).clamp(max=1.0)
+    with torch.no_grad():
+        for t in tensors:
+            t.mul_(scale.to(device=t.device, dtype=torch.float32 if t.dtype in _LOW else t.dtype))
+    return norm
