@@ -1,0 +1,39 @@
+// The schemas of every pymaml op, declared once. Implementations are registered per dispatch key in
+// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); autograd and fake kernels are registered from
+// Python (pymaml/_registration.py). The contracts are stated in csrc/include/pymaml/ops.h.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing pymaml._C runs the static registrations below; there is no pybind11 glue.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(pymaml, m) {
+  // θ' = θ − α (g + wd θ). The `_lrs` forms take α as tensors: one entry shared by every parameter,
+  // or one entry per parameter holding either one number or one number per element.
+  m.def("sgd_update(Tensor[] params, Tensor[] grads, float lr, float weight_decay) -> Tensor[]");
+  m.def("sgd_update_lrs(Tensor[] params, Tensor[] grads, Tensor[] lrs, float weight_decay) -> Tensor[]");
+  m.def("sgd_update_(Tensor(a!)[] params, Tensor[] grads, float lr, float weight_decay) -> ()");
+  m.def("sgd_update_lrs_(Tensor(a!)[] params, Tensor[] grads, Tensor[] lrs, float weight_decay) -> ()");
+
+  // One step of the adjoint recursion: v_out = v − hvp; lr_grad = −g ⊙ v reduced to the form of
+  // `lrs` (empty `lrs`: α is a fixed float, no lr_grad); u_next = α_next ⊙ v_out where α_next is
+  // `next_lrs` when non-empty, else `next_lr` when has_next, and u_next is empty when !has_next.
+  m.def(
+      "backward_step(Tensor[] v, Tensor[] hvp, Tensor[] grads, Tensor[] lrs, Tensor[] next_lrs, "
+      "float next_lr, bool has_next) -> (Tensor[] v_out, Tensor[] lr_grad, Tensor[] u_next)");
+
+  // Central finite differences; the step is eps * eps_scale where eps_scale (a one-element tensor,
+  // e.g. 1/‖u‖) stays on the device.
+  m.def("fd_perturb(Tensor[] params, Tensor[] direction, float eps, Tensor eps_scale) -> (Tensor[] plus, Tensor[] minus)");
+  m.def("fd_quotient(Tensor[] grads_plus, Tensor[] grads_minus, float eps, Tensor eps_scale) -> Tensor[]");
+
+  // ‖concat(tensors)‖₂ as a 0-d tensor (float64 if any input is float64, else float32).
+  m.def("global_norm(Tensor[] tensors) -> Tensor");
+  // Scales in place by min(1, max_norm / (norm + eps)) with no host sync; returns the norm.
+  m.def("clip_grad_norm_(Tensor(a!)[] tensors, float max_norm, float eps) -> Tensor");
+}
