@@ -36,4 +36,12 @@ TORCH_LIBRARY(pymaml, m) {
   m.def("global_norm(Tensor[] tensors) -> Tensor");
   // Scales in place by min(1, max_norm / (norm + eps)) with no host sync; returns the norm.
   m.def("clip_grad_norm_(Tensor(a!)[] tensors, float max_norm, float eps) -> Tensor");
+
+  // Closed-form Hessian-vector product of a linear head z = x Wᵀ + b under loss "cross_entropy"
+  // (target: int64 class indices [N]) or "mse" (target [N, C]), both means, along (v_weight, v_bias),
+  // plus grad_x = ∂/∂x ⟨∇_{W,b} L, (v_weight, v_bias)⟩. hvp_bias is returned even when bias is None.
+  // Contract: csrc/include/pymaml/head_hvp.h.
+  m.def(
+      "linear_head_hvp(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor v_weight, Tensor? v_bias, "
+      "str loss) -> (Tensor hvp_weight, Tensor hvp_bias, Tensor grad_x)");
 }
