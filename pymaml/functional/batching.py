@@ -1,0 +1,127 @@
+"""Task batching: one task at a time (loop) or a stack of tasks in one computation (vmap).
+
+A :class:`Unit` is what an engine works on: either one task (tensors as the user gave them) or a
+stack of T tasks of equal shapes. For a stack the adapted parameters carry a leading task
+dimension (θ_i has shape ``(T, *p.shape)``), the model's forward pass is mapped over tasks with
+``torch.func.vmap`` and the loss of the unit is the SUM of the per-task losses, so that ordinary
+autograd on the stacked tensors yields every task's own gradient at once (tasks do not interact).
+Everything else, the fused ``pymaml.ops`` updates, HVPs and the backward recursion, then sees one
+larger list of tensors; per-element step sizes are broadcast over the task dimension.
+
+Choice (``task_batching="auto"``): vmap for models without convolutions or BatchNorm (the sinusoid
+MLP: ~8× faster than a loop on 2 CPU cores), the loop for conv nets and anything with BatchNorm
+(vmap there was 1.6–2.9× slower on the CPU, held every task's graph at once, and needs the
+primitive-op BatchNorm to get correct second-order gradients), and the loop whenever the tasks'
+shapes differ.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .buffers import has_batch_norm
+from .inner import Task, model_call
+
+__all__ = ["Unit", "make_units", "choose_batching"]
+
+
+class Unit:
+    """One task (``batched=False``) or a stack of tasks (``batched=True``) for the engines."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, names_ad: Sequence[str], names_fx: Sequence[str],
+                 task: Task, batched: bool):
+        self.model, self.loss_fn = model, loss_fn
+        self.names_ad, self.names_fx = list(names_ad), list(names_fx)
+        self.support, self.query = tuple(task.support), tuple(task.query)
+        self.batched = batched
+        self.T: Optional[int] = int(self.support[0].shape[0]) if batched else None
+        self.n_tasks = self.T if batched else 1
+
+    def _fwd(self, theta, phi, x):
+        return model_call(self.model, self.names_ad, self.names_fx, theta, phi, x)
+
+    def loss(self, theta: Sequence[Tensor], phi: Sequence[Tensor], which: str,
+             target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """(sum over the unit's tasks of the loss, outputs) on the support (``"s"``) or query (``"q"``)
+        set; ``target`` replaces the set's targets (same values; used to give them a jvp tangent)."""
+        x, y = self.support if which == "s" else self.query
+        if target is not None:
+            y = target
+        if not self.batched:
+            out = self._fwd(theta, phi, x)
+            return self.loss_fn(out, y), out
+        out = torch.func.vmap(self._fwd, in_dims=(0, None, 0), randomness="different")(list(theta), list(phi), x)
+        per_task = torch.func.vmap(self.loss_fn)(out, y)
+        return per_task.sum(), out
+
+    def stack(self, t: Tensor) -> Tensor:
+        """θ (shared) → the unit's θ_0: expanded over tasks for a stack (a differentiable view)."""
+        return t.unsqueeze(0).expand(self.T, *t.shape) if self.batched else t
+
+    def unstack_sum(self, t: Tensor) -> Tensor:
+        return t.sum(0) if self.batched else t
+
+    def outputs(self, out: Tensor) -> List[Tensor]:
+        return list(out.detach().unbind(0)) if self.batched else [out.detach()]
+
+
+def _is_stacked(tasks) -> bool:
+    return isinstance(tasks, Task) or (isinstance(tasks, tuple) and len(tasks) == 2
+                                        and isinstance(tasks[0], tuple) and isinstance(tasks[0][0], Tensor))
+
+
+def _as_task(t) -> Task:
+    if isinstance(t, Task):
+        return t
+    try:
+        s, q = t
+        return Task(tuple(s), tuple(q))
+    except (TypeError, ValueError):
+        raise TypeError(f"meta_gradient: a task must be Task(support=(x, y), query=(x, y)), got {type(t).__name__}") from None
+
+
+def _shapes(task: Task):
+    return tuple(tuple(t.shape) for t in (*task.support, *task.query))
+
+
+def choose_batching(model: nn.Module) -> str:
+    conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return "loop" if conv or has_batch_norm(model) else "vmap"
+
+
+def make_units(model, loss_fn, names_ad, names_fx, tasks, task_batching: str) -> Tuple[List[Unit], int, bool]:
+    """(units, number of tasks, batched?) for ``tasks`` given as a list of Task or one stacked Task."""
+    op = "meta_gradient"
+    if task_batching not in ("auto", "vmap", "loop"):
+        raise ValueError(f"{op}: task_batching must be 'auto', 'vmap' or 'loop', got {task_batching!r}")
+    stacked = _is_stacked(tasks)
+    if stacked:
+        task = _as_task(tasks)
+        T = int(task.support[0].shape[0])
+        for name, t in zip(("x_s", "y_s", "x_q", "y_q"), (*task.support, *task.query)):
+            if t.dim() == 0 or t.shape[0] != T:
+                raise ValueError(f"{op}: a stacked Task needs a leading task dim on every tensor; "
+                                 f"{name} has shape {tuple(t.shape)} but x_s has {T} tasks")
+        task_list = None
+    else:
+        task_list = [_as_task(t) for t in tasks]
+        if not task_list:
+            raise ValueError(f"{op}: tasks is empty")
+        T = len(task_list)
+    mode = task_batching
+    if mode == "auto":
+        mode = choose_batching(model)
+        if mode == "vmap" and task_list is not None and len({_shapes(t) for t in task_list}) > 1:
+            mode = "loop"
+    if mode == "vmap":
+        if task_list is not None:
+            if len({_shapes(t) for t in task_list}) > 1:
+                raise ValueError(f"{op}: task_batching='vmap' needs tasks of equal shapes; use 'loop'")
+            task = Task(tuple(torch.stack(z) for z in zip(*(t.support for t in task_list))),
+                        tuple(torch.stack(z) for z in zip(*(t.query for t in task_list))))
+        return [Unit(model, loss_fn, names_ad, names_fx, task, True)], T, True
+    if task_list is None:
+        task_list = [Task(tuple(z[i] for z in task.support), tuple(z[i] for z in task.query)) for i in range(T)]
+    return [Unit(model, loss_fn, names_ad, names_fx, t, False) for t in task_list], T, False

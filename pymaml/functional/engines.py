@@ -1,0 +1,293 @@
+"""The meta-gradient engines and :func:`meta_gradient`, the one call in front of them.
+
+For each task the meta-loss is L_q(θ_K) (or Σ_i w_i L_q(θ_i) with ``step_weights``), θ_K from
+the inner loop of :mod:`pymaml.functional.inner`; the meta-gradient is that of the MEAN over tasks.
+
+Engines
+-------
+``unrolled``
+    The full differentiable graph (``create_graph=True`` through every inner step), then one
+    backward pass. The reference; memory grows with K × activations.
+``recompute``
+    The adjoint recursion of DESIGN.md. The forward sweep keeps only θ_0 … θ_K (and the RNG state
+    before each step); going backwards, step i's support loss is recomputed at θ_i, one HVP gives
+    H_i(α_i ⊙ v_{i+1}) (and the mixed term for non-adapted parameters), and the fused
+    ``pymaml.ops.backward_step`` produces v_i, ∂L/∂α_i and the next direction in one pass:
+
+        v_K = ∇L_q(θ_K);  v_i = v_{i+1} − H_i(α_i ⊙ v_{i+1}) + w_i ∇L_q(θ_i);  ∂L/∂α_i = −g_i ⊙ v_{i+1}
+
+    With weight decay the step is θ − α(g + λθ), so the HVP gains λu and g becomes g + λθ.
+    A non-adapted φ collects ∂L_q/∂φ at every weighted θ_i minus Σ_i ∇²_φθ L_s(θ_i)(α_i ⊙ v_{i+1}).
+    Memory is one step's activations plus K × parameters: flat in K.
+``first_order``
+    FOMAML: the recursion with H := 0. The meta-gradient is ∇L_q(θ_K) (plus the weighted
+    ∇L_q(θ_i) with step weights); ∂L/∂α_i = −g_i ⊙ v_{i+1} to first order.
+``auto``
+    ``recompute``.
+
+BatchNorm and dropout follow :mod:`pymaml.functional.buffers`; task batching
+:mod:`pymaml.functional.batching`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .batching import Unit, make_units
+from .buffers import RngTape, batch_norm_policy, has_randomness
+from .hvp import HVP_METHODS, hvp as _hvp, loss_and_grad
+from .inner import LrPlan, mul_lr, split_params
+
+__all__ = ["MetaGradient", "meta_gradient", "ENGINES", "DEFAULT_HVP"]
+
+ENGINES = ("unrolled", "recompute", "first_order")
+#: the exact HVP ``hvp="auto"`` resolves to (the faster one measured on CPU by benchmarks/bench_engine.py)
+DEFAULT_HVP = "double_backward"
+
+
+@dataclass
+class MetaGradient:
+    """Result of :func:`meta_gradient`. Every tensor is detached.
+
+    grads          name -> d(mean over tasks of the meta-loss)/dθ, for every name in ``params``
+    lr_grads       the gradient for every Tensor in ``lr``, in ``lr``'s structure (None for floats)
+    query_loss     mean over tasks of L_q(θ_K), 0-d
+    query_outputs  per task, the model's output on the query set at θ_K
+    support_loss   mean over tasks of L_s(θ_0), 0-d
+    meta_loss      mean over tasks of the meta-loss (Σ_i w_i L_q(θ_i) with step weights, else query_loss)
+    engine, hvp, task_batching   what actually ran
+    """
+    grads: Dict[str, Tensor]
+    lr_grads: object
+    query_loss: Tensor
+    query_outputs: List[Tensor]
+    support_loss: Tensor
+    meta_loss: Tensor
+    engine: str = ""
+    hvp: Optional[str] = None
+    task_batching: str = ""
+
+
+class _Acc:
+    """Sums per-unit results."""
+
+    def __init__(self, n_th: int, n_ph: int, n_lr: int):
+        self.th: List[Optional[Tensor]] = [None] * n_th
+        self.ph: List[Optional[Tensor]] = [None] * n_ph
+        self.lr: List[Optional[Tensor]] = [None] * n_lr
+        self.q = self.s = self.m = None
+        self.outputs: List[Tensor] = []
+
+    @staticmethod
+    def _add(acc, vals):
+        for j, v in enumerate(vals):
+            if v is not None:
+                acc[j] = v if acc[j] is None else acc[j] + v
+
+    def add(self, th, ph, lr, q, s, m, outputs):
+        self._add(self.th, th)
+        self._add(self.ph, ph)
+        self._add(self.lr, lr)
+        self.q = q if self.q is None else self.q + q
+        self.s = s if self.s is None else self.s + s
+        self.m = m if self.m is None else self.m + m
+        self.outputs += outputs
+
+
+def _weights(op, step_weights, steps):
+    if step_weights is None:
+        return None
+    w = list(step_weights)
+    if len(w) != steps:
+        raise ValueError(f"{op}: step_weights needs one weight per inner step: got {len(w)} for steps={steps}")
+    return w
+
+
+def _unrolled(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale, hvp_method, tape):
+    th_leaf = [t.detach().requires_grad_() for t in theta0]
+    ph_leaf = [p.detach().requires_grad_() for p in phi0]
+    lr_leaf = plan.requires_grad_()
+    T = unit.T
+    with torch.enable_grad():
+        theta = [unit.stack(t) for t in th_leaf]
+        s_loss = None
+        meta = 0.0
+        for i in range(steps):
+            loss, _ = unit.loss(theta, ph_leaf, "s")
+            if s_loss is None:
+                s_loss = loss.detach()
+            g = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
+            g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, theta)]
+            theta = ops.sgd_update(theta, g, plan.step_lr(i, T), wd)
+            if weights is not None and i + 1 < steps:
+                lq, _ = unit.loss(theta, ph_leaf, "q")
+                meta = meta + weights[i] * lq
+        lq, out = unit.loss(theta, ph_leaf, "q")
+        meta = meta + (weights[-1] * lq if weights is not None else lq)
+        if s_loss is None:
+            s_loss, _ = unit.loss(theta, ph_leaf, "s")
+        wrt = th_leaf + ph_leaf + lr_leaf
+        grads = torch.autograd.grad(meta * scale, wrt, allow_unused=True)
+    n, m = len(th_leaf), len(ph_leaf)
+    grads = [None if g is None else g.detach() for g in grads]
+    th_g = [torch.zeros_like(t) if g is None else g for g, t in zip(grads[:n], th_leaf)]
+    ph_g = [torch.zeros_like(t) if g is None else g for g, t in zip(grads[n:n + m], ph_leaf)]
+    return th_g, ph_g, grads[n + m:], lq.detach(), s_loss.detach(), meta.detach(), unit.outputs(out)
+
+
+def _forward_sweep(unit: Unit, theta0, phi, plan: LrPlan, steps, weights, wd, scale, tape, keep_grads):
+    """θ_0 … θ_K (no graph), RNG states, optionally g_i, the weighted query grads for i < K."""
+    T = unit.T
+    theta = [unit.stack(t.detach()) for t in theta0]
+    if unit.batched:
+        theta = [t.contiguous() for t in theta]
+    thetas, states, gs, qg = [theta], [], [], {}
+    ph_acc = [torch.zeros_like(p) for p in phi]
+    s_loss = None
+    meta = 0.0
+    for i in range(steps):
+        states.append(tape.capture())
+        loss, _, g, _ = loss_and_grad(unit, theta, phi, "s")
+        if s_loss is None:
+            s_loss = loss
+        if keep_grads:
+            gs.append(g)
+        with torch.no_grad():
+            theta = ops.sgd_update(theta, g, plan.step_lr(i, T), wd)
+        thetas.append(theta)
+        if weights is not None and i + 1 < steps:
+            lq, _, gq, gp = loss_and_grad(unit, theta, phi, "q", with_phi=True)
+            w = weights[i] * scale
+            qg[i + 1] = [w * t for t in gq]
+            ph_acc = [a + w * t for a, t in zip(ph_acc, gp)]
+            meta = meta + weights[i] * lq
+    end_state = tape.capture()
+    lq, out, gq, gp = loss_and_grad(unit, theta, phi, "q", with_phi=True)
+    w = (weights[-1] if weights is not None else 1.0)
+    meta = meta + w * lq
+    v = [(w * scale) * t for t in gq]
+    ph_acc = [a + (w * scale) * t for a, t in zip(ph_acc, gp)]
+    if s_loss is None:
+        s_loss = loss_and_grad(unit, theta, phi, "s")[0]
+    return dict(thetas=thetas, states=states, end_state=end_state, gs=gs, qg=qg, v=v, ph=ph_acc,
+                q=lq, s=s_loss, meta=meta, out=out)
+
+
+def _recompute(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale, hvp_method, tape):
+    phi = [p.detach() for p in phi0]
+    fs = _forward_sweep(unit, theta0, phi, plan, steps, weights, wd, scale, tape,
+                        keep_grads=(hvp_method == "finite_difference"))
+    T = unit.T
+    v, ph_acc, thetas = fs["v"], fs["ph"], fs["thetas"]
+    lr_acc = plan.zero_grads()
+    u = mul_lr(plan.step_lr(steps - 1, T), v) if steps > 0 else None
+    for i in reversed(range(steps)):
+        state = fs["states"][i]
+        replay = (lambda s=state: tape.restore(s)) if state is not None else None
+        g, hu, mu = _hvp(hvp_method, unit, thetas[i], phi, u, replay)
+        if g is None:
+            g = fs["gs"][i]
+        ph_acc = [a - m for a, m in zip(ph_acc, mu)]
+        if wd:
+            hu = [h + wd * x for h, x in zip(hu, u)]
+            g = [gi + wd * t for gi, t in zip(g, thetas[i])]
+        if i in fs["qg"]:
+            hu = [h - q for h, q in zip(hu, fs["qg"][i])]
+        nxt = plan.step_lr(i - 1, T) if i > 0 else None
+        v, lr_grad, u = ops.backward_step(v, hu, g, plan.step_lr(i, T), nxt)
+        plan.accumulate(lr_acc, i, lr_grad, T)
+    tape.restore(fs["end_state"])
+    th_g = [unit.unstack_sum(t) for t in v]
+    return th_g, ph_acc, lr_acc, fs["q"], fs["s"], fs["meta"], unit.outputs(fs["out"])
+
+
+def _first_order(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale, hvp_method, tape):
+    phi = [p.detach() for p in phi0]
+    need_lr = plan.any_tensor
+    fs = _forward_sweep(unit, theta0, phi, plan, steps, weights, wd, scale, tape, keep_grads=need_lr)
+    T = unit.T
+    v = fs["v"]
+    lr_acc = plan.zero_grads()
+    if need_lr or fs["qg"]:
+        for i in reversed(range(steps)):
+            q = fs["qg"].get(i)
+            if need_lr:
+                g = fs["gs"][i]
+                if wd:
+                    g = [gi + wd * t for gi, t in zip(g, fs["thetas"][i])]
+                h = [-t for t in q] if q is not None else [torch.zeros_like(t) for t in v]
+                v, lr_grad, _ = ops.backward_step(v, h, g, plan.step_lr(i, T), None)
+                plan.accumulate(lr_acc, i, lr_grad, T)
+            elif q is not None:
+                v = [a + b for a, b in zip(v, q)]
+    th_g = [unit.unstack_sum(t) for t in v]
+    return th_g, fs["ph"], lr_acc, fs["q"], fs["s"], fs["meta"], unit.outputs(fs["out"])
+
+
+_RUN = {"unrolled": _unrolled, "recompute": _recompute, "first_order": _first_order}
+
+
+def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
+                  params: Optional[Mapping[str, Tensor]] = None, steps: int = 1, lr=0.01,
+                  engine: str = "auto", hvp: str = "auto", step_weights: Optional[Sequence] = None,
+                  adapt: Optional[Iterable[str]] = None, task_batching: str = "auto",
+                  weight_decay: float = 0.0) -> MetaGradient:
+    """The exact (or first-order) MAML meta-gradient of the mean query loss over ``tasks``.
+
+    model          any nn.Module; run through ``torch.func.functional_call`` on ``params``
+    tasks          a list of :class:`Task` (equal shapes may be stacked for vmap) or one Task whose
+                   tensors carry a leading task dimension
+    loss_fn        ``loss_fn(output, target) -> scalar``
+    params         meta-parameters θ, default ``dict(model.named_parameters())``; names missing
+                   from it keep the module's own value and get no gradient
+    steps          inner steps K ≥ 0
+    lr             step sizes, see :mod:`pymaml.functional.inner` (float, shared Tensor, dict per
+                   tensor or per element, or a per-step list of those); Tensors get ``lr_grads``
+    engine         "unrolled" | "recompute" | "first_order" | "auto" (= recompute)
+    hvp            "double_backward" | "jvp" | "finite_difference" | "auto" (the faster exact one)
+    step_weights   MAML++ multi-step loss: w_1 … w_K on L_q after each step
+    adapt          names adapted in the inner loop (default all); the others stay fixed there but
+                   still receive their meta-gradient (ANIL: ``adapt=["head.weight", "head.bias"]``)
+    task_batching  "vmap" | "loop" | "auto" (see :mod:`pymaml.functional.batching`)
+    weight_decay   inner-loop L2 term: θ_{i+1} = θ_i − α_i(g_i + weight_decay·θ_i)
+
+    Nothing is modified: neither the module's parameters and buffers nor their ``.grad``.
+    """
+    op = "meta_gradient"
+    if params is None:
+        params = dict(model.named_parameters())
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"{op}: steps must be a non-negative int, got {steps!r}")
+    if engine == "auto":
+        engine = "recompute"
+    if engine not in ENGINES:
+        raise ValueError(f"{op}: engine must be one of {ENGINES + ('auto',)}, got {engine!r}")
+    if hvp == "auto":
+        hvp = DEFAULT_HVP
+    if hvp not in HVP_METHODS:
+        raise ValueError(f"{op}: hvp must be one of {HVP_METHODS + ('auto',)}, got {hvp!r}")
+    weights = _weights(op, step_weights, steps)
+    names_ad, names_fx = split_params(op, params, adapt)
+    theta0 = [params[n] for n in names_ad]
+    phi0 = [params[n] for n in names_fx]
+    plan = LrPlan(op, lr, steps, names_ad, theta0)
+    units, n_tasks, batched = make_units(model, loss_fn, names_ad, names_fx, tasks, task_batching)
+    dev = theta0[0].device if theta0 else None
+    tape = RngTape(has_randomness(model), dev)
+    scale = 1.0 / n_tasks
+    acc = _Acc(len(theta0), len(phi0), len(plan.leaves))
+    with batch_norm_policy(model, primitive=batched):
+        for unit in units:
+            acc.add(*_RUN[engine](unit, theta0, phi0, plan, steps, weights, float(weight_decay), scale, hvp, tape))
+    grads = dict(zip(names_ad, acc.th))
+    grads.update(zip(names_fx, acc.ph))
+    grads = {n: grads[n] for n in params}
+    return MetaGradient(grads=grads, lr_grads=plan.to_user(acc.lr), query_loss=acc.q * scale,
+                        query_outputs=acc.outputs, support_loss=acc.s * scale,
+                        meta_loss=torch.as_tensor(acc.m) * scale, engine=engine,
+                        hvp=None if engine != "recompute" else hvp,
+                        task_batching="vmap" if batched else "loop")

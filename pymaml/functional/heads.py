@@ -1,0 +1,116 @@
+"""Closed-form Hessian-vector products for linear heads (ANIL, head-only adaptation).
+
+When only a linear head ``z = x Wᵀ + b`` adapts, the Hessian of its loss with respect to (W, b) is
+known in closed form, so one HVP needs no autograd graph: :func:`linear_head_hvp` returns it in one
+fused pass (compiled C++/CUDA op ``torch.ops.pymaml.linear_head_hvp`` when the extension is active,
+the pure-torch twin :mod:`pymaml.reference_heads` otherwise), together with the mixed term
+``∂/∂x ⟨∇_{W,b} L, (v_weight, v_bias)⟩``. The body's share of the meta-gradient then costs one
+ordinary backward pass through the body: ``torch.autograd.backward(x, grad_x)``.
+
+The formulas (shapes, losses, dtype rules) are in the docstring of :mod:`pymaml.reference_heads`.
+The outputs carry no autograd history (the inputs are read as constants).
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference_heads
+from ..reference_heads import check_linear_head_hvp
+
+__all__ = ["HeadHVP", "linear_head_hvp", "compiled_available", "register_fake_kernel"]
+
+_QUALNAME = "pymaml::linear_head_hvp"
+_fake_registered = False
+
+
+class HeadHVP(NamedTuple):
+    hvp_weight: Tensor            # H_WW V + H_Wb v_b, [C, F]
+    hvp_bias: Optional[Tensor]    # H_bW V + H_bb v_b, [C]; None when the head has no bias
+    grad_x: Tensor                # ∂/∂x ⟨∇_{W,b} L, (V, v_b)⟩, [N, F]
+
+
+def _op_exists() -> bool:
+    try:
+        return hasattr(torch.ops.pymaml, "linear_head_hvp")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def register_fake_kernel() -> bool:
+    """Registers the op's fake (meta) kernel once the schema is loaded; idempotent.
+
+    Called on import and again lazily on first use, so it works whichever of ``pymaml._C`` and this
+    module is imported first. Returns whether the fake kernel is registered.
+    """
+    global _fake_registered
+    if _fake_registered:
+        return True
+    if not _op_exists():
+        return False
+
+    @torch.library.register_fake(_QUALNAME)
+    def _fake(x, weight, bias, target, v_weight, v_bias, loss):
+        torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "linear_head_hvp: x and weight must be 2-D")
+        return (weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],)), x.new_empty(x.shape))
+
+    _fake_registered = True
+    return True
+
+
+def _backend_forces_torch() -> bool:
+    # pymaml._backend (when present) makes the package-wide decision; PYMAML_BACKEND=torch forces
+    # the pure-torch path either way.
+    if os.environ.get("PYMAML_BACKEND", "").lower() == "torch":
+        return True
+    try:
+        from .. import _backend  # type: ignore[attr-defined]
+    except ImportError:
+        return False
+    name = getattr(_backend, "BACKEND", None) or getattr(_backend, "name", None)
+    if callable(name):
+        name = name()
+    return isinstance(name, str) and name.lower() == "torch"
+
+
+def compiled_available(device: torch.device) -> bool:
+    """Whether the compiled op has a kernel for ``device`` and the backend is not forced to torch."""
+    if _backend_forces_torch() or not _op_exists():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_QUALNAME, key)
+
+
+def linear_head_hvp(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                    v_weight: Tensor, v_bias: Optional[Tensor], loss: str = "cross_entropy") -> HeadHVP:
+    """(H·(v_weight, v_bias), ∂/∂x ⟨∇_{W,b} L, (v_weight, v_bias)⟩) of a linear head, in closed form.
+
+    Args:
+        x: features [N, F] (floating point).
+        weight, bias: the head, ``nn.Linear`` convention: [C, F] and [C] or None.
+        target: int64 class indices [N] for ``"cross_entropy"``; values [N, C] (x's dtype) for
+            ``"mse"``. Both losses are means (``F.cross_entropy`` / ``F.mse_loss`` defaults; no
+            ``ignore_index``, class weights or label smoothing).
+        v_weight, v_bias: the direction, shaped like weight and bias. ``v_bias=None`` with a bias
+            means a zero bias direction; a ``v_bias`` without a bias is an error.
+        loss: ``"cross_entropy"`` or ``"mse"``.
+
+    Returns:
+        :class:`HeadHVP` ``(hvp_weight, hvp_bias, grad_x)``: hvp_bias is None when bias is None.
+        No autograd history; float16/bfloat16 computed in float32; deterministic.
+    """
+    check_linear_head_hvp(x, weight, bias, target, v_weight, v_bias, loss)
+    if compiled_available(x.device):
+        register_fake_kernel()
+        d = lambda t: None if t is None else t.detach()  # noqa: E731 - the op is not differentiated
+        hw, hb, gx = torch.ops.pymaml.linear_head_hvp(d(x), d(weight), d(bias), d(target), d(v_weight),
+                                                      d(v_bias), loss)
+    else:
+        hw, hb, gx = reference_heads.linear_head_hvp(x, weight, bias, target, v_weight, v_bias, loss)
+    return HeadHVP(hw, hb if bias is not None else None, gx)
+
+
+register_fake_kernel()
