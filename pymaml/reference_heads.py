@@ -95,17 +95,18 @@ def _logit_terms(z: Tensor, zv: Tensor, target: Tensor, loss: str) -> Tuple[Tens
     n, c = z.shape
     if loss == "cross_entropy":
         p = torch.softmax(z, dim=1)
-        pzv = p * zv
-        r = (pzv - p * pzv.sum(dim=1, keepdim=True)) / n
-        g = p.clone()
-        if n:
-            # On CUDA an out-of-range class trips the device-side assert of the indexing instead
-            # (as in F.cross_entropy); checking here would synchronise with the host.
-            if z.device.type == "cpu" and bool(((target < 0) | (target >= c)).any()):
+        # (diag(p) − p pᵀ) z_v = p ⊙ (z_v − ⟨p, z_v⟩), per row
+        r = p * (zv - (p * zv).sum(dim=1, keepdim=True)) * (1.0 / n) if n else p
+        if n == 0:
+            return p, r
+        if z.device.type == "cpu":
+            # On CUDA an out-of-range class trips the device-side assert of the scatter instead
+            # (as in F.cross_entropy); checking there would synchronise with the host.
+            lo, hi = torch.aminmax(target)
+            if lo.item() < 0 or hi.item() >= c:
                 bad = target[(target < 0) | (target >= c)][0].item()
                 raise IndexError(f"{_OP}: target holds class {bad} outside [0, {c})")
-            g[torch.arange(n, device=z.device), target] -= 1
-        g = g / n
+        g = p.scatter_add(1, target.unsqueeze(1), p.new_full((1, 1), -1.0).expand(n, 1)).mul_(1.0 / n)
     else:
         scale = 2.0 / (n * c) if n * c else 0.0
         g = (z - target.to(z.dtype)) * scale
@@ -127,17 +128,19 @@ def linear_head_hvp(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: T
     check_linear_head_hvp(x, weight, bias, target, v_weight, v_bias, loss)
     dt = x.dtype
     op_dt = torch.float32 if dt in _LOW else dt
+    c = weight.shape[0]
     with torch.no_grad():
-        xo, wo, vwo = x.detach().to(op_dt), weight.detach().to(op_dt), v_weight.detach().to(op_dt)
-        z = xo @ wo.t()
-        zv = xo @ vwo.t()
+        xo = x.detach().to(op_dt)
+        # M = [V; W]: x Mᵀ = (Z_v | Z) and (G | R) M = G V + R W, one GEMM each way (as the kernels)
+        m = torch.cat([v_weight.detach(), weight.detach()]).to(op_dt)
         if bias is not None:
-            z = z + bias.detach().to(op_dt)
-        if v_bias is not None:
-            zv = zv + v_bias.detach().to(op_dt)
+            vb = v_bias.detach() if v_bias is not None else torch.zeros_like(bias)
+            zz = torch.addmm(torch.cat([vb, bias.detach()]).to(op_dt), xo, m.t())
+        else:
+            zz = xo @ m.t()
         tgt = target.detach() if loss == "cross_entropy" else target.detach().to(op_dt)
-        g, r = _logit_terms(z, zv, tgt, loss)
+        g, r = _logit_terms(zz[:, c:], zz[:, :c], tgt, loss)
         hvp_weight = (r.t() @ xo).to(dt)
         hvp_bias = r.sum(dim=0).to(dt) if bias is not None else None
-        grad_x = (g @ vwo + r @ wo).to(dt)
+        grad_x = (torch.cat([g, r], dim=1) @ m).to(dt)
     return hvp_weight, hvp_bias, grad_x
