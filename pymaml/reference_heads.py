@@ -90,6 +90,10 @@ def check_linear_head_hvp(x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
                              f"got shape {_shape(target)} with dtype {target.dtype}")
 
 
+def _is_batched(t: Tensor) -> bool:
+    return torch._C._functorch.is_batchedtensor(t)
+
+
 def _logit_terms(z: Tensor, zv: Tensor, target: Tensor, loss: str) -> Tuple[Tensor, Tensor]:
     """G = ∂L/∂Z and R = ∂G/∂Z [Z_v], in the opmath dtype (float32 for half types)."""
     n, c = z.shape
@@ -99,9 +103,10 @@ def _logit_terms(z: Tensor, zv: Tensor, target: Tensor, loss: str) -> Tuple[Tens
         r = p * (zv - (p * zv).sum(dim=1, keepdim=True)) * (1.0 / n) if n else p
         if n == 0:
             return p, r
-        if z.device.type == "cpu":
+        if z.device.type == "cpu" and not _is_batched(target):
             # On CUDA an out-of-range class trips the device-side assert of the scatter instead
-            # (as in F.cross_entropy); checking there would synchronise with the host.
+            # (as in F.cross_entropy), as it does under vmap (no .item() there): checking would
+            # synchronise with the host.
             lo, hi = torch.aminmax(target)
             if lo.item() < 0 or hi.item() >= c:
                 bad = target[(target < 0) | (target >= c)][0].item()

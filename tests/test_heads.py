@@ -22,7 +22,7 @@ if _LIB and not heads._op_exists():
 HAS_COMPILED = heads._op_exists() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "pymaml::linear_head_hvp", "CPU")
 if HAS_COMPILED:
-    heads.register_fake_kernel()
+    heads.register_python_kernels()
 
 BACKENDS = [pytest.param("compiled", marks=pytest.mark.skipif(not HAS_COMPILED, reason="extension not built")),
             "torch"]
@@ -221,3 +221,17 @@ def test_bad_loss_and_class_out_of_range(backend, monkeypatch):
     mse_args = make(8, 4, 3, "mse")
     with pytest.raises(ValueError, match=r"linear_head_hvp: mse needs target of shape \[N, C\] = \[8, 3\]"):
         call(backend, *mse_args[:3], mse_args[3][:, :2], *mse_args[4:], "mse", monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_vmap_over_tasks_equals_loop(backend, loss, monkeypatch):
+    tasks = [make(10, 6, 4, loss, seed=s) for s in range(3)]
+    stacked = [torch.stack([t[i] for t in tasks]) for i in range(6)]
+    shared_v = stacked[4][0]  # one direction for every task: an unbatched argument
+    got = torch.vmap(lambda x, w, b, t, vb: call(backend, x, w, b, t, shared_v, vb, loss, monkeypatch=monkeypatch))(
+        *stacked[:4], stacked[5])
+    for k, task in enumerate(tasks):
+        want = double_backward(*task[:4], shared_v, task[5], loss)
+        for a, e in zip(got, want):
+            assert_rel(a[k], e)

@@ -21,10 +21,10 @@ from torch import Tensor
 from .. import reference_heads
 from ..reference_heads import check_linear_head_hvp
 
-__all__ = ["HeadHVP", "linear_head_hvp", "compiled_available", "register_fake_kernel"]
+__all__ = ["HeadHVP", "linear_head_hvp", "compiled_available", "register_python_kernels"]
 
 _QUALNAME = "pymaml::linear_head_hvp"
-_fake_registered = False
+_python_kernels_registered = False
 
 
 class HeadHVP(NamedTuple):
@@ -40,14 +40,14 @@ def _op_exists() -> bool:
         return False
 
 
-def register_fake_kernel() -> bool:
-    """Registers the op's fake (meta) kernel once the schema is loaded; idempotent.
+def register_python_kernels() -> bool:
+    """Registers the op's fake (meta) kernel and its vmap rule once the schema is loaded; idempotent.
 
     Called on import and again lazily on first use, so it works whichever of ``pymaml._C`` and this
-    module is imported first. Returns whether the fake kernel is registered.
+    module is imported first. Returns whether the kernels are registered.
     """
-    global _fake_registered
-    if _fake_registered:
+    global _python_kernels_registered
+    if _python_kernels_registered:
         return True
     if not _op_exists():
         return False
@@ -57,7 +57,18 @@ def register_fake_kernel() -> bool:
         torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "linear_head_hvp: x and weight must be 2-D")
         return (weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],)), x.new_empty(x.shape))
 
-    _fake_registered = True
+    @torch.library.register_vmap(_QUALNAME)
+    def _vmap(info, in_dims, x, weight, bias, target, v_weight, v_bias, loss):
+        # Tasks of one meta-batch: a loop over the vmapped dimension (each task's head is a few
+        # small GEMMs, so batching them into one launch would buy little on the CPU).
+        args = (x, weight, bias, target, v_weight, v_bias)
+        outs = []
+        for i in range(info.batch_size):
+            one = [a if d is None or a is None else a.select(d, i) for a, d in zip(args, in_dims[:6])]
+            outs.append(torch.ops.pymaml.linear_head_hvp(*one, loss))
+        return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0)
+
+    _python_kernels_registered = True
     return True
 
 
@@ -120,8 +131,8 @@ def linear_head_hvp(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: T
     """
     check_linear_head_hvp(x, weight, bias, target, v_weight, v_bias, loss)
     if compiled_available(x.device):
-        if not _fake_registered:
-            register_fake_kernel()
+        if not _python_kernels_registered:
+            register_python_kernels()
         if torch.is_grad_enabled():  # the op is not differentiated: read the inputs as constants
             with torch.no_grad():
                 hw, hb, gx = torch.ops.pymaml.linear_head_hvp(x, weight, bias, target, v_weight, v_bias, loss)
@@ -132,4 +143,4 @@ def linear_head_hvp(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: T
     return HeadHVP(hw, hb if bias is not None else None, gx)
 
 
-register_fake_kernel()
+register_python_kernels()
