@@ -165,8 +165,8 @@ def _forward_sweep(unit: Unit, theta0, phi, plan: LrPlan, steps, weights, wd, sc
             qg[i + 1] = [w * t for t in gq]
             ph_acc = [a + w * t for a, t in zip(ph_acc, gp)]
             meta = meta + weights[i] * lq
-    end_state = tape.capture()
     lq, out, gq, gp = loss_and_grad(unit, theta, phi, "q", with_phi=True)
+    end_state = tape.capture()
     w = (weights[-1] if weights is not None else 1.0)
     meta = meta + w * lq
     v = [(w * scale) * t for t in gq]

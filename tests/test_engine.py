@@ -1,0 +1,415 @@
+"""The meta-gradient engines against a hand-written autograd reference (float64).
+
+Every exact engine (unrolled; recompute with double backward and with forward-over-reverse) must
+equal plain ``torch.autograd.grad(create_graph=True)`` through the inner loop to 1e-10 relative,
+compared as whole gradient vectors (global norm: conv biases before BatchNorm have an exactly zero
+true gradient, so per-tensor relative errors would measure rounding). Finite differences agree to
+1e-6; first order is ∇L_q(θ_K) exactly. Both backends of ``pymaml.ops`` are exercised.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pymaml
+import pymaml.reference
+from pymaml.functional import Task, adapt, meta_gradient
+from pymaml.models import MLP, ConvNet
+
+OPS_NAMES = ["sgd_update", "sgd_update_", "backward_step", "fd_perturb", "fd_quotient", "global_norm",
+             "clip_grad_norm_"]
+
+
+def _compiled_available() -> bool:
+    backend = getattr(pymaml, "backend", None)
+    return callable(backend) and "torch" not in str(backend()).lower()
+
+
+@pytest.fixture(params=["compiled", "torch"], autouse=True)
+def backend(request, monkeypatch):
+    """Runs each test with the compiled ops (when built) and with the pure-torch reference."""
+    if request.param == "compiled":
+        if not _compiled_available():
+            pytest.skip("compiled pymaml ops are not available")
+    else:
+        for n in OPS_NAMES:
+            if hasattr(pymaml.ops, n):
+                monkeypatch.setattr(pymaml.ops, n, getattr(pymaml.reference, n))
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def float64_one_thread():
+    """float64 throughout; one intra-op thread, because these tiny models gain nothing from more and
+    on a busy 2-core machine spinning thread pools make each op ~100× slower."""
+    old, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    yield
+    torch.set_default_dtype(old)
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+def flat(d, names=None):
+    names = list(d) if names is None else names
+    return torch.cat([d[n].reshape(-1) for n in names])
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def mlp_setup(n_tasks=3, seed=0):
+    torch.manual_seed(seed)
+    model = MLP((1, 16, 16, 1))
+    tasks = [Task((torch.randn(8, 1) * 3, torch.randn(8, 1)), (torch.randn(6, 1) * 3, torch.randn(6, 1)))
+             for _ in range(n_tasks)]
+    return model, tasks, F.mse_loss
+
+
+def conv_setup(n_tasks=2, seed=0, ways=3):
+    torch.manual_seed(seed)
+    model = ConvNet(in_channels=1, ways=ways, hidden=4, image_size=8, blocks=2)
+    tasks = []
+    for _ in range(n_tasks):
+        ys = torch.arange(ways).repeat(2)
+        yq = torch.arange(ways).repeat(2)
+        tasks.append(Task((torch.randn(len(ys), 1, 8, 8), ys), (torch.randn(len(yq), 1, 8, 8), yq)))
+    return model, tasks, F.cross_entropy
+
+
+SETUPS = {"mlp": mlp_setup, "conv": conv_setup}
+
+
+def make_lr(form, model, steps, adapt_names=None, seed=1):
+    """Step sizes in every accepted form, small and positive."""
+    g = torch.Generator().manual_seed(seed)
+    names = [n for n, _ in model.named_parameters() if adapt_names is None or n in adapt_names]
+    shapes = dict((n, p.shape) for n, p in model.named_parameters())
+
+    def r(shape=()):
+        return 0.02 + 0.03 * torch.rand(shape, generator=g)
+    if form == "float":
+        return 0.05
+    if form == "shared":
+        return r(())
+    if form == "per_tensor":
+        return {n: r((1,)) for n in names}
+    if form == "per_element":
+        return {n: r(shapes[n]) for n in names}
+    if form == "per_step_per_tensor":
+        return [{n: r((1,)) for n in names} for _ in range(steps)]
+    if form == "per_step_mixed":
+        return [0.03 if i % 2 else r(()) for i in range(steps)]
+    raise ValueError(form)
+
+
+def lr_at(lr, i, name):
+    x = lr[i] if isinstance(lr, list) else lr
+    if isinstance(x, dict):
+        x = x[name]
+    return x if not isinstance(x, torch.Tensor) or x.numel() > 1 else x.reshape(())
+
+
+def lr_leaves(lr):
+    """The distinct tensors in lr, in a fixed order."""
+    xs = lr if isinstance(lr, list) else [lr]
+    out = []
+    for x in xs:
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, dict):
+            out.extend(x.values())
+    seen, uniq = set(), []
+    for t in out:
+        if id(t) not in seen:
+            seen.add(id(t))
+            uniq.append(t)
+    return uniq
+
+
+def lr_grads_flat(lr, lr_grads):
+    xs = lr if isinstance(lr, list) else [lr]
+    gs = lr_grads if isinstance(lr, list) else [lr_grads]
+    out = []
+    for x, gx in zip(xs, gs):
+        if isinstance(x, torch.Tensor):
+            out.append(gx.reshape(-1))
+        elif isinstance(x, dict):
+            out.extend(gx[k].reshape(-1) for k in x)
+    return torch.cat(out) if out else None
+
+
+def reference(model, tasks, loss_fn, steps, lr, step_weights=None, adapt_names=None, weight_decay=0.0):
+    """Plain autograd through the unrolled inner loop: (grads dict, flat lr grads in lr_leaves order)."""
+    params = dict(model.named_parameters())
+    names = list(params)
+    theta = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+    leaves = lr_leaves(lr)
+    proxies = {id(t): t.detach().clone().requires_grad_() for t in leaves}
+
+    def lr_proxy(i, n):
+        a = lr_at(lr, i, n)
+        if isinstance(a, torch.Tensor):
+            base = lr[i] if isinstance(lr, list) else lr
+            src = base if isinstance(base, torch.Tensor) else base[n]
+            return proxies[id(src)].reshape(a.shape)
+        return a
+
+    bn_free = copy.deepcopy(model)
+    for m in bn_free.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = None
+    bn_free.train()
+
+    def run(th, x):
+        return torch.func.functional_call(bn_free, th, (x,))
+
+    total = 0.0
+    for t in tasks:
+        cur = dict(theta)
+        meta = 0.0
+        for i in range(steps):
+            ls = loss_fn(run(cur, t.support[0]), t.support[1])
+            ad = [n for n in names if adapt_names is None or n in adapt_names]
+            g = torch.autograd.grad(ls, [cur[n] for n in ad], create_graph=True)
+            for n, gn in zip(ad, g):
+                cur[n] = cur[n] - lr_proxy(i, n) * (gn + weight_decay * cur[n])
+            if step_weights is not None and i + 1 < steps:
+                meta = meta + step_weights[i] * loss_fn(run(cur, t.query[0]), t.query[1])
+        lq = loss_fn(run(cur, t.query[0]), t.query[1])
+        meta = meta + (step_weights[-1] if step_weights is not None else 1.0) * lq
+        total = total + meta
+    total = total / len(tasks)
+    wrt = [theta[n] for n in names] + [proxies[id(t)] for t in leaves]
+    gs = torch.autograd.grad(total, wrt, allow_unused=True)
+    gs = [torch.zeros_like(w) if g is None else g for g, w in zip(gs, wrt)]
+    grads = dict(zip(names, gs[:len(names)]))
+    lr_flat = torch.cat([g.reshape(-1) for g in gs[len(names):]]) if leaves else None
+    return grads, lr_flat
+
+
+EXACT = [("unrolled", "double_backward"), ("recompute", "double_backward"), ("recompute", "jvp")]
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("setup", ["mlp", "conv"])
+@pytest.mark.parametrize("steps", [1, 3, 10])
+@pytest.mark.parametrize("form", ["float", "shared", "per_tensor", "per_step_per_tensor", "per_element"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_exact_engines_match_autograd(setup, steps, form, weighted):
+    model, tasks, loss_fn = SETUPS[setup]()
+    lr = make_lr(form, model, steps)
+    w = [0.5 + 0.1 * i for i in range(steps)] if weighted else None
+    ref, ref_lr = reference(model, tasks, loss_fn, steps, lr, step_weights=w)
+    for engine, hvp in EXACT:
+        res = meta_gradient(model, tasks, loss_fn, steps=steps, lr=lr, engine=engine, hvp=hvp,
+                            step_weights=w, task_batching="loop")
+        assert rel(flat(res.grads), flat(ref)) < 1e-10, (engine, hvp)
+        if ref_lr is None:
+            assert res.lr_grads is None
+        else:
+            assert rel(lr_grads_flat(lr, res.lr_grads), ref_lr) < 1e-10, (engine, hvp, "lr")
+
+
+@pytest.mark.parametrize("setup", ["mlp", "conv"])
+def test_finite_difference_close(setup):
+    model, tasks, loss_fn = SETUPS[setup]()
+    lr = make_lr("per_tensor", model, 3)
+    ref, ref_lr = reference(model, tasks, loss_fn, 3, lr)
+    res = meta_gradient(model, tasks, loss_fn, steps=3, lr=lr, engine="recompute",
+                        hvp="finite_difference", task_batching="loop")
+    assert rel(flat(res.grads), flat(ref)) < 1e-6
+    assert rel(lr_grads_flat(lr, res.lr_grads), ref_lr) < 1e-6
+
+
+@pytest.mark.parametrize("setup", ["mlp", "conv"])
+def test_first_order_is_query_gradient_at_theta_K(setup):
+    model, tasks, loss_fn = SETUPS[setup](n_tasks=1)
+    t = tasks[0]
+    res = meta_gradient(model, tasks, loss_fn, steps=3, lr=0.05, engine="first_order", task_batching="loop")
+    theta_k = adapt(model, t.support, loss_fn, steps=3, lr=0.05)
+    leaves = {n: p.detach().requires_grad_() for n, p in theta_k.items()}
+    from pymaml.functional.buffers import batch_norm_policy
+    with batch_norm_policy(model):
+        lq = loss_fn(torch.func.functional_call(model, leaves, (t.query[0],)), t.query[1])
+    g = torch.autograd.grad(lq, list(leaves.values()))
+    for (n, a), b in zip(res.grads.items(), g):
+        assert torch.equal(a, b), n
+
+
+def test_first_order_mean_over_tasks():
+    model, tasks, loss_fn = mlp_setup(n_tasks=3)
+    res = meta_gradient(model, tasks, loss_fn, steps=2, lr=0.05, engine="first_order")
+    want = 0
+    for t in tasks:
+        theta_k = adapt(model, t.support, loss_fn, steps=2, lr=0.05)
+        leaves = {n: p.detach().requires_grad_() for n, p in theta_k.items()}
+        lq = loss_fn(torch.func.functional_call(model, leaves, (t.query[0],)), t.query[1])
+        want = want + flat(dict(zip(leaves, torch.autograd.grad(lq, list(leaves.values()))))) / len(tasks)
+    assert rel(flat(res.grads), want) < 1e-14
+
+
+@pytest.mark.parametrize("setup", ["mlp", "conv"])
+@pytest.mark.parametrize("engine,hvp", EXACT + [("first_order", "auto")])
+def test_vmap_equals_loop(setup, engine, hvp):
+    model, tasks, loss_fn = SETUPS[setup]()
+    lr = make_lr("per_element", model, 2)
+    a = meta_gradient(model, tasks, loss_fn, steps=2, lr=lr, engine=engine, hvp=hvp, task_batching="loop")
+    b = meta_gradient(model, tasks, loss_fn, steps=2, lr=lr, engine=engine, hvp=hvp, task_batching="vmap")
+    assert a.task_batching == "loop" and b.task_batching == "vmap"
+    assert rel(flat(b.grads), flat(a.grads)) < 1e-10
+    assert rel(lr_grads_flat(lr, b.lr_grads), lr_grads_flat(lr, a.lr_grads)) < 1e-10
+    assert torch.allclose(a.query_loss, b.query_loss, rtol=1e-12)
+    for x, y in zip(a.query_outputs, b.query_outputs):
+        assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_stacked_task_input_equals_list():
+    model, tasks, loss_fn = mlp_setup()
+    stacked = Task(tuple(torch.stack(z) for z in zip(*(t.support for t in tasks))),
+                   tuple(torch.stack(z) for z in zip(*(t.query for t in tasks))))
+    a = meta_gradient(model, tasks, loss_fn, steps=2, lr=0.05, task_batching="loop")
+    for tb in ("vmap", "loop"):
+        b = meta_gradient(model, stacked, loss_fn, steps=2, lr=0.05, task_batching=tb)
+        assert rel(flat(b.grads), flat(a.grads)) < 1e-12
+
+
+@pytest.mark.parametrize("setup", ["mlp", "conv"])
+@pytest.mark.parametrize("hvp", ["double_backward", "jvp", "finite_difference"])
+def test_anil_adapt_subset(setup, hvp):
+    model, tasks, loss_fn = SETUPS[setup]()
+    head = ["head.weight", "head.bias"]
+    lr = make_lr("per_element", model, 3, adapt_names=head)
+    ref, ref_lr = reference(model, tasks, loss_fn, 3, lr, adapt_names=head)
+    tol = 1e-6 if hvp == "finite_difference" else 1e-10
+    for tb in ("loop", "vmap"):
+        res = meta_gradient(model, tasks, loss_fn, steps=3, lr=lr, engine="recompute", hvp=hvp, adapt=head,
+                            task_batching=tb)
+        assert rel(flat(res.grads), flat(ref)) < tol
+        assert rel(lr_grads_flat(lr, res.lr_grads), ref_lr) < tol
+        body = [n for n in ref if n not in head]
+        assert rel(flat(res.grads, body), flat(ref, body)) < tol  # the body's share, through mixed terms
+
+
+def test_weight_decay():
+    model, tasks, loss_fn = mlp_setup()
+    lr = make_lr("per_tensor", model, 3)
+    ref, ref_lr = reference(model, tasks, loss_fn, 3, lr, weight_decay=0.1)
+    for engine, hvp in EXACT:
+        res = meta_gradient(model, tasks, loss_fn, steps=3, lr=lr, engine=engine, hvp=hvp, weight_decay=0.1)
+        assert rel(flat(res.grads), flat(ref)) < 1e-10
+        assert rel(lr_grads_flat(lr, res.lr_grads), ref_lr) < 1e-10
+
+
+def test_mixed_per_step_forms_and_shared_tensor_reused():
+    model, tasks, loss_fn = mlp_setup()
+    lr = make_lr("per_step_mixed", model, 4)
+    ref, ref_lr = reference(model, tasks, loss_fn, 4, lr)
+    res = meta_gradient(model, tasks, loss_fn, steps=4, lr=lr, engine="recompute")
+    assert rel(flat(res.grads), flat(ref)) < 1e-10
+    assert [g is None for g in res.lr_grads] == [not isinstance(x, torch.Tensor) for x in lr]
+    assert rel(lr_grads_flat(lr, res.lr_grads), ref_lr) < 1e-10
+    a = torch.tensor(0.04)  # one tensor serving all steps: its gradient sums the steps
+    ref, ref_lr = reference(model, tasks, loss_fn, 3, [a, a, a])
+    res = meta_gradient(model, tasks, loss_fn, steps=3, lr=a, engine="recompute")
+    assert rel(res.lr_grads.reshape(1), ref_lr) < 1e-10
+
+
+def test_batch_norm_running_stats_and_module_untouched():
+    model, tasks, loss_fn = conv_setup()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for engine in ("unrolled", "recompute", "first_order"):
+        for tb in ("loop", "vmap"):
+            meta_gradient(model, tasks, loss_fn, steps=2, lr=0.1, engine=engine, task_batching=tb)
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_batch_statistics_even_in_eval_mode():
+    model, tasks, loss_fn = conv_setup()
+    a = meta_gradient(model.train(), tasks, loss_fn, steps=1, lr=0.1)
+    b = meta_gradient(model.eval(), tasks, loss_fn, steps=1, lr=0.1)
+    assert torch.equal(flat(a.grads), flat(b.grads))
+
+
+class DropoutMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 16), nn.Tanh())
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("tb", ["loop", "vmap"])
+def test_dropout_replayed_by_recompute(tb):
+    _, tasks, loss_fn = mlp_setup()
+    torch.manual_seed(3)
+    model = DropoutMLP().train()
+    out = {}
+    for engine, hvp in EXACT + [("recompute", "finite_difference")]:
+        torch.manual_seed(11)
+        res = meta_gradient(model, tasks, loss_fn, steps=3, lr=0.05, engine=engine, hvp=hvp, task_batching=tb)
+        out[(engine, hvp)] = (flat(res.grads), torch.rand(3))
+    ref_g, ref_next = out[("unrolled", "double_backward")]
+    for key, (g, nxt) in out.items():
+        tol = 1e-6 if key[1] == "finite_difference" else 1e-10
+        assert rel(g, ref_g) < tol, key
+        assert torch.equal(nxt, ref_next), key  # the caller's random stream is the same for every engine
+
+
+def test_results_and_outputs():
+    model, tasks, loss_fn = mlp_setup()
+    res = meta_gradient(model, tasks, loss_fn, steps=2, lr=0.05)
+    assert res.engine == "recompute" and res.task_batching == "vmap"
+    assert set(res.grads) == {n for n, _ in model.named_parameters()}
+    assert len(res.query_outputs) == len(tasks) and res.query_outputs[0].shape == (6, 1)
+    qs = [loss_fn(o, t.query[1]) for o, t in zip(res.query_outputs, tasks)]
+    assert torch.allclose(res.query_loss, torch.stack(qs).mean())
+    ss = [loss_fn(model(t.support[0]), t.support[1]) for t in tasks]
+    assert torch.allclose(res.support_loss, torch.stack(ss).mean())
+    assert not res.query_loss.requires_grad and all(not g.requires_grad for g in res.grads.values())
+
+
+def test_adapt_create_graph_matches_reference():
+    model, tasks, loss_fn = mlp_setup(n_tasks=1)
+    t = tasks[0]
+    lr = make_lr("per_element", model, 2)
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    th = adapt(model, t.support, loss_fn, params=params, steps=2, lr=lr, create_graph=True)
+    lq = loss_fn(torch.func.functional_call(model, th, (t.query[0],)), t.query[1])
+    g = dict(zip(params, torch.autograd.grad(lq, list(params.values()))))
+    ref, _ = reference(model, tasks, loss_fn, 2, lr)
+    assert rel(flat(g), flat(ref)) < 1e-12
+    th2 = adapt(model, t.support, loss_fn, steps=2, lr=lr)
+    assert rel(flat(th2), flat({n: v.detach() for n, v in th.items()})) < 1e-14
+    assert not any(v.requires_grad for v in th2.values())
+
+
+def test_errors_name_the_function_and_values():
+    model, tasks, loss_fn = mlp_setup()
+    with pytest.raises(ValueError, match=r"meta_gradient: .*2 entries for steps=3"):
+        meta_gradient(model, tasks, loss_fn, steps=3, lr=[0.1, 0.1])
+    with pytest.raises(ValueError, match=r"meta_gradient: adapt names \['nope'\]"):
+        meta_gradient(model, tasks, loss_fn, adapt=["nope"])
+    with pytest.raises(ValueError, match=r"meta_gradient: engine must be one of"):
+        meta_gradient(model, tasks, loss_fn, engine="fast")
+    with pytest.raises(ValueError, match=r"meta_gradient: lr has no step size for adapted params \['head.bias'\]"):
+        meta_gradient(model, tasks, loss_fn, lr={n: torch.tensor(0.1) for n, _ in model.named_parameters()
+                                                 if n != "head.bias"})
+    with pytest.raises(ValueError, match=r"step_weights needs one weight per inner step: got 1 for steps=2"):
+        meta_gradient(model, tasks, loss_fn, steps=2, step_weights=[1.0])
