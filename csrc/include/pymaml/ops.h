@@ -98,12 +98,14 @@ inline void check_pairs(const char* op, std::initializer_list<const char*> names
   auto list = lists.begin();
   const char* ref_name = *name;
   at::TensorList ref = *list;
-  for (auto n = name + 1, l = list + 1; l != lists.end(); ++n, ++l) {
+  auto n = name + 1;
+  for (auto l = list + 1; l != lists.end(); ++n, ++l) {
     TORCH_CHECK_VALUE(l->size() == ref.size(), op, ": ", ref_name, " and ", *n, " differ in length: ",
                       ref.size(), " vs ", l->size());
   }
   check_floating(op, ref_name, ref);
-  for (auto n = name + 1, l = list + 1; l != lists.end(); ++n, ++l) {
+  n = name + 1;
+  for (auto l = list + 1; l != lists.end(); ++n, ++l) {
     for (size_t i = 0; i < ref.size(); ++i) {
       const at::Tensor& a = ref[i];
       const at::Tensor& b = (*l)[i];
