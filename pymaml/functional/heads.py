@@ -52,12 +52,10 @@ def register_python_kernels() -> bool:
     if not _op_exists():
         return False
 
-    @torch.library.register_fake(_QUALNAME)
     def _fake(x, weight, bias, target, v_weight, v_bias, loss):
         torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "linear_head_hvp: x and weight must be 2-D")
         return (weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],)), x.new_empty(x.shape))
 
-    @torch.library.register_vmap(_QUALNAME)
     def _vmap(info, in_dims, x, weight, bias, target, v_weight, v_bias, loss):
         # Tasks of one meta-batch: a loop over the vmapped dimension (each task's head is a few
         # small GEMMs, so batching them into one launch would buy little on the CPU).
@@ -68,6 +66,12 @@ def register_python_kernels() -> bool:
             outs.append(torch.ops.pymaml.linear_head_hvp(*one, loss))
         return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0)
 
+    for register, fn in ((torch.library.register_fake, _fake), (torch.library.register_vmap, _vmap)):
+        try:
+            register(_QUALNAME, fn)
+        except RuntimeError as e:  # pymaml._registration (or an earlier import) got there first
+            if "already" not in str(e):
+                raise
     _python_kernels_registered = True
     return True
 
