@@ -1,5 +1,6 @@
 """pymaml: fast gradient-based meta-learning for PyTorch."""
 from . import reference
-from . import reference as ops  # replaced by the dispatching ops module once the extension lands
+from . import ops
+from ._backend import backend, backend_reason
 
 __version__ = "0.1.0"

@@ -1,0 +1,194 @@
+// CPU kernel of one step of the adjoint recursion of the exact meta-gradient, in one pass:
+//   v_out = v − hvp,  lr_grad = −g ⊙ v (reduced to the form of α),  u_next = α_next ⊙ v_out.
+// Contract: csrc/include/pymaml/ops.h.
+#include <pymaml/cpu_foreach.h>
+#include <pymaml/ops.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace pymaml {
+namespace cpu {
+namespace {
+
+struct StepItem {
+  at::ScalarType dtype;
+  const void* v;
+  const void* h;
+  const void* g;
+  void* v_out;
+  void* u_next;          // nullptr: no u_next
+  const void* next_lr;   // per-element α_next, or nullptr (then next_alpha)
+  at::ScalarType next_dtype;
+  double next_alpha;
+  void* lr_grad;         // per-element −g ⊙ v, or nullptr
+  at::ScalarType grad_dtype;
+  bool reduce;           // accumulate Σ −g ⊙ v into the segment's partial
+};
+
+template <typename T, typename NT, typename GT>
+double step_segment(const StepItem& it, int64_t lo, int64_t hi) {
+  using opm = at::opmath_type<T>;
+  using V = Vectorized<opm>;
+  constexpr bool kStaged = !std::is_same_v<T, opm>;
+  constexpr int64_t B = stage_block<opm, T>();
+  constexpr int64_t S = kStaged ? kStage : 1;
+  opm bv[S], bh[S], bg[S], bvo[S], bu[S];
+  opm bn[std::is_same_v<NT, opm> ? 1 : kStage], bl[std::is_same_v<GT, opm> ? 1 : kStage];
+  const T* v = static_cast<const T*>(it.v) + lo;
+  const T* h = static_cast<const T*>(it.h) + lo;
+  const T* g = static_cast<const T*>(it.g) + lo;
+  T* vo = static_cast<T*>(it.v_out) + lo;
+  T* u = it.u_next ? static_cast<T*>(it.u_next) + lo : nullptr;
+  const NT* na = it.next_lr ? static_cast<const NT*>(it.next_lr) + lo : nullptr;
+  GT* lg = it.lr_grad ? static_cast<GT*>(it.lr_grad) + lo : nullptr;
+  const V a_s(static_cast<opm>(it.next_alpha));
+  V acc(opm(0));
+  const int64_t n = hi - lo;
+  for (int64_t b = 0; b < n; b += B) {
+    const int64_t m = std::min(B, n - b);
+    const opm* Vv = stage_in<opm>(v + b, bv, m);
+    const opm* H = stage_in<opm>(h + b, bh, m);
+    opm* VO = stage_out<opm>(vo + b, bvo);
+    const opm* G = (lg || it.reduce) ? stage_in<opm>(g + b, bg, m) : nullptr;
+    opm* U = u ? stage_out<opm>(u + b, bu) : nullptr;
+    const opm* NA = na ? stage_in<opm>(na + b, bn, m) : nullptr;
+    opm* LG = lg ? stage_out<opm>(lg + b, bl) : nullptr;
+    vec_loop<opm>(m, [&](int64_t i, int64_t c) {
+      const V x = V::loadu(Vv + i, c);
+      const V y = x - V::loadu(H + i, c);
+      y.store(VO + i, c);
+      if (G) {
+        const V gv = V::loadu(G + i, c) * x;
+        if (LG) (V(opm(0)) - gv).store(LG + i, c);
+        if (it.reduce) acc = acc + gv;  // loadu zero-fills a partial tail
+      }
+      if (U) (NA ? V::loadu(NA + i, c) * y : a_s * y).store(U + i, c);
+    });
+    stage_store(vo + b, VO, m);
+    if (U) stage_store(u + b, U, m);
+    if (LG) stage_store(lg + b, LG, m);
+  }
+  if (!it.reduce) return 0.0;
+  opm lanes[V::size()];
+  acc.store(lanes);
+  double s = 0;
+  for (int64_t i = 0; i < V::size(); ++i) s += static_cast<double>(lanes[i]);
+  return -s;
+}
+
+// α_next for parameter i: per element (returns the tensor) or one number (sets *alpha).
+at::Tensor next_alpha(LrKind kind, at::TensorList next_lrs, size_t i, double next_lr, double shared,
+                      at::ScalarType t, double* alpha) {
+  *alpha = kind == LrKind::kNone ? next_lr : shared;
+  if (kind != LrKind::kPerParam) return at::Tensor();
+  const at::Tensor& a = next_lrs[i];
+  if (a.numel() == 1) {
+    *alpha = read_scalar(a);
+    return at::Tensor();
+  }
+  return opmath_or_same(a, t);
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> backward_step(
+    at::TensorList v, at::TensorList hvp, at::TensorList grads, at::TensorList lrs, at::TensorList next_lrs,
+    double next_lr, bool has_next) {
+  const char* op = "backward_step";
+  check_pairs(op, {"v", "hvp", "grads"}, {v, hvp, grads});
+  check_cpu(op, "v", v);
+  const LrKind kind = check_lrs(op, "lr", lrs, v, /*allow_none=*/true);
+  const LrKind nkind = has_next ? check_lrs(op, "next_lr", next_lrs, v, true) : LrKind::kNone;
+  for (auto [k, list, name] : {std::make_tuple(kind, lrs, "lr"), std::make_tuple(nkind, next_lrs, "next_lr")}) {
+    if (k == LrKind::kShared) {
+      TORCH_CHECK_VALUE(list[0].device().is_cpu(), op, ": ", name, " is on ", list[0].device(),
+                        " but v is on the CPU");
+    }
+  }
+  const double next_shared = nkind == LrKind::kShared ? read_scalar(next_lrs[0]) : 0.0;
+  const size_t n = v.size();
+  std::vector<StepItem> items(n);
+  std::vector<int64_t> numels(n);
+  std::vector<at::Tensor> keep, v_out, lr_grad, u_next;
+  std::vector<std::pair<size_t, at::Tensor>> grad_casts;  // per-element grads computed in opmath
+  v_out.reserve(n);
+  if (has_next) u_next.reserve(n);
+  if (kind == LrKind::kPerParam) lr_grad.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    StepItem& it = items[i];
+    it.dtype = v[i].scalar_type();
+    numels[i] = v[i].numel();
+    at::Tensor vc = v[i].contiguous(), hc = hvp[i].contiguous(), gc = grads[i].contiguous();
+    it.v = vc.const_data_ptr();
+    it.h = hc.const_data_ptr();
+    it.g = gc.const_data_ptr();
+    v_out.push_back(new_like(v[i]));
+    it.v_out = v_out.back().mutable_data_ptr();
+    it.u_next = nullptr;
+    it.next_lr = nullptr;
+    it.next_dtype = it.dtype;
+    it.next_alpha = 0;
+    if (has_next) {
+      u_next.push_back(new_like(v[i]));
+      it.u_next = u_next.back().mutable_data_ptr();
+      at::Tensor na = next_alpha(nkind, next_lrs, i, next_lr, next_shared, it.dtype, &it.next_alpha);
+      if (na.defined()) {
+        it.next_lr = na.const_data_ptr();
+        it.next_dtype = na.scalar_type();
+        keep.push_back(std::move(na));
+      }
+    }
+    it.lr_grad = nullptr;
+    it.grad_dtype = it.dtype;
+    it.reduce = kind == LrKind::kShared || (kind == LrKind::kPerParam && lrs[i].numel() == 1);
+    if (kind == LrKind::kPerParam && !it.reduce) {
+      const at::Tensor& a = lrs[i];
+      const auto want = a.scalar_type();
+      const bool direct = want == it.dtype || want == opmath_dtype(it.dtype);
+      at::Tensor lg = at::empty(a.sizes(), a.options().dtype(direct ? want : opmath_dtype(it.dtype))
+                                               .memory_format(at::MemoryFormat::Contiguous));
+      it.lr_grad = lg.mutable_data_ptr();
+      it.grad_dtype = lg.scalar_type();
+      if (!direct) grad_casts.emplace_back(i, lg);
+      lr_grad.push_back(std::move(lg));
+    } else if (kind == LrKind::kPerParam) {
+      lr_grad.push_back(at::empty(lrs[i].sizes(), lrs[i].options().memory_format(at::MemoryFormat::Contiguous)));
+    }
+    keep.push_back(std::move(vc));
+    keep.push_back(std::move(hc));
+    keep.push_back(std::move(gc));
+  }
+  FlatPlan plan(numels);
+  std::vector<double> partial(plan.num_segments(), 0.0);
+  plan.run([&](const Segment& s, int64_t si) {
+    const StepItem& it = items[s.tensor];
+    dispatch_t_lt(it.dtype, it.next_dtype, [&](auto* t_tag, auto* n_tag) {
+      using T = std::remove_pointer_t<decltype(t_tag)>;
+      using NT = std::remove_pointer_t<decltype(n_tag)>;
+      dispatch_t_lt(it.dtype, it.grad_dtype, [&](auto*, auto* g_tag) {
+        using GT = std::remove_pointer_t<decltype(g_tag)>;
+        partial[si] = step_segment<T, NT, GT>(it, s.lo, s.hi);
+      });
+    });
+  });
+  if (kind == LrKind::kShared) {
+    double total = 0;
+    for (double x : partial) total += x;
+    lr_grad.push_back(at::empty(lrs[0].sizes(), lrs[0].options().memory_format(at::MemoryFormat::Contiguous)));
+    write_scalar(lr_grad.back(), total);
+  } else if (kind == LrKind::kPerParam) {
+    const std::vector<double> sums = sum_by_tensor(plan, partial, n);
+    for (size_t i = 0; i < n; ++i) {
+      if (items[i].reduce) write_scalar(lr_grad[i], sums[i]);
+    }
+    for (auto& [i, lg] : grad_casts) lr_grad[i] = lg.to(lrs[i].scalar_type());
+  }
+  return {std::move(v_out), std::move(lr_grad), std::move(u_next)};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace pymaml
+
+TORCH_LIBRARY_IMPL(pymaml, CPU, m) {
+  m.impl("backward_step", &pymaml::cpu::backward_step);
+}

@@ -1,0 +1,144 @@
+"""The one backend decision: compiled kernels (``pymaml._C``) or the pure-torch reference.
+
+Decided once, at import: ``PYMAML_BACKEND=torch`` forces the reference; otherwise ``pymaml._C`` is
+imported and a tiny probe is run on the CPU. CUDA kernels are probed the first time a CUDA tensor
+reaches an op. Why a compiled path is missing is recorded (not built, built for another torch,
+failed probe) and reported by ``pymaml.backend_reason()`` and ``python -m pymaml.info``; a fallback
+warns once through ``warnings``.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+from typing import Dict, Optional
+
+import torch
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# device type -> (compiled usable?, reason)
+_DEVICE_STATE: Dict[str, tuple] = {}
+_STATE = {"backend": "torch", "reason": "", "loaded": False, "error": None}
+
+
+def build_info() -> dict:
+    """What setup.py recorded at build time (empty when the package was never built)."""
+    try:
+        from . import _build_info as b
+    except ImportError:
+        return {}
+    return {k: getattr(b, k) for k in dir(b) if k.isupper()}
+
+
+def _why_import_failed(err: Exception) -> str:
+    info = build_info()
+    binaries = glob.glob(os.path.join(_PKG_DIR, "_C*.so")) + glob.glob(os.path.join(_PKG_DIR, "_C*.pyd"))
+    if not binaries:
+        if info.get("BUILT") is False and info.get("BUILD_ERROR"):
+            return f"not built: compiling failed at install time ({info['BUILD_ERROR']})"
+        if os.environ.get("PYMAML_NO_EXTENSION"):
+            return "not built: installed with PYMAML_NO_EXTENSION=1"
+        return ("not built: pymaml._C is missing (install with `pip install --no-build-isolation -e .`, "
+                "without PYMAML_NO_EXTENSION)")
+    built_for = info.get("TORCH_VERSION")
+    if built_for and built_for != torch.__version__:
+        return (f"built for another torch: pymaml._C was built against torch {built_for} but torch "
+                f"{torch.__version__} is running; rebuild with `pip install --no-build-isolation -e .` ({err})")
+    if "undefined symbol" in str(err):
+        return (f"built for another torch: pymaml._C does not link against torch {torch.__version__} "
+                f"({err}); rebuild with `pip install --no-build-isolation -e .`")
+    return f"failed to load pymaml._C: {type(err).__name__}: {err}"
+
+
+def _probe(device: str) -> Optional[str]:
+    """Runs one fused update on a tiny tensor; returns None if right, else why not."""
+    try:
+        p = torch.full((3,), 1.0, device=device)
+        g = torch.full((3,), 2.0, device=device)
+        out = torch.ops.pymaml.sgd_update.default([p], [g], 0.25, 0.0)[0]
+        if not torch.equal(out.cpu(), torch.full((3,), 0.5)):
+            return f"probe on {device} returned a wrong result: {out.tolist()}"
+    except Exception as e:  # noqa: BLE001 - any failure means the compiled path is unusable here
+        return f"probe on {device} failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+    return None
+
+
+def _init() -> None:
+    forced = os.environ.get("PYMAML_BACKEND", "").strip().lower()
+    if forced not in ("", "auto", "compiled", "torch"):
+        warnings.warn(f"pymaml: PYMAML_BACKEND={forced!r} is not one of 'torch', 'compiled', 'auto'; using auto")
+        forced = ""
+    if forced == "torch":
+        _STATE.update(backend="torch", reason="forced by PYMAML_BACKEND=torch")
+        return
+    try:
+        from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+    except Exception as e:  # noqa: BLE001
+        _STATE.update(backend="torch", reason=_why_import_failed(e), error=e)
+    else:
+        _STATE["loaded"] = True
+        from . import _registration  # noqa: F401  (fake kernels and autograd)
+        bad = _probe("cpu")
+        if bad is None:
+            _STATE.update(backend="compiled", reason="pymaml._C loaded and its CPU probe passed")
+        else:
+            _STATE.update(backend="torch", reason=bad)
+    if _STATE["backend"] != "compiled":
+        msg = f"pymaml: using the pure-torch ops (slower): {_STATE['reason']}"
+        if forced == "compiled":
+            raise ImportError(msg + " (PYMAML_BACKEND=compiled was requested)")
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def extension_loaded() -> bool:
+    return _STATE["loaded"]
+
+
+def backend() -> str:
+    """'compiled' when the C++ kernels serve CPU tensors, 'torch' for the pure-torch reference."""
+    return _STATE["backend"]
+
+
+def backend_reason() -> str:
+    return _STATE["reason"]
+
+
+def cuda_kernels_built() -> bool:
+    return bool(build_info().get("WITH_CUDA")) and _STATE["loaded"]
+
+
+def compiled_for(device_type: str) -> bool:
+    """Whether tensors of this device type run on compiled kernels (decided once per type)."""
+    state = _DEVICE_STATE.get(device_type)
+    if state is None:
+        state = _decide(device_type)
+        _DEVICE_STATE[device_type] = state
+    return state[0]
+
+
+def device_reason(device_type: str) -> str:
+    compiled_for(device_type)
+    return _DEVICE_STATE[device_type][1]
+
+
+def _decide(device_type: str) -> tuple:
+    if _STATE["backend"] != "compiled":
+        return False, _STATE["reason"]
+    if device_type == "cpu":
+        return True, _STATE["reason"]
+    if device_type == "meta":
+        return True, "fake (meta) kernels registered"
+    if device_type == "cuda":
+        if not cuda_kernels_built():
+            why = "pymaml._C was built without CUDA kernels"
+        else:
+            why = _probe("cuda")
+        if why is None:
+            return True, "CUDA kernels built and their probe passed"
+        warnings.warn(f"pymaml: CUDA tensors use the pure-torch ops (slower): {why}", RuntimeWarning, stacklevel=4)
+        return False, why
+    return False, f"no compiled kernels for device type {device_type!r}"
+
+
+_init()

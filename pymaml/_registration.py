@@ -1,0 +1,252 @@
+"""Fake (meta) kernels and autograd for the compiled ops in ``torch.ops.pymaml``.
+
+Imported by ``pymaml._backend`` right after ``pymaml._C`` loads. Backward formulas are written in
+plain differentiable torch ops, so gradients of gradients (gradgradcheck, MAML through an unrolled
+graph) work through the out-of-place ops. In-place ops (``sgd_update_``, ``sgd_update_lrs_``,
+``clip_grad_norm_``) have no autograd: ``pymaml.ops`` refuses them on tensors that require grad.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _opm(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW else dtype
+
+
+def _like(ts: Sequence[Tensor]) -> List[Tensor]:
+    return [t.new_empty(t.shape) for t in ts]
+
+
+def _shared(lrs: Sequence[Tensor], n: int) -> bool:
+    return len(lrs) == 1 and n != 1
+
+
+# --------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("pymaml::sgd_update")
+def _(params, grads, lr, weight_decay):
+    return _like(params)
+
+
+@torch.library.register_fake("pymaml::sgd_update_lrs")
+def _(params, grads, lrs, weight_decay):
+    return _like(params)
+
+
+@torch.library.register_fake("pymaml::sgd_update_")
+def _(params, grads, lr, weight_decay):
+    return None
+
+
+@torch.library.register_fake("pymaml::sgd_update_lrs_")
+def _(params, grads, lrs, weight_decay):
+    return None
+
+
+@torch.library.register_fake("pymaml::backward_step")
+def _(v, hvp, grads, lrs, next_lrs, next_lr, has_next):
+    lr_grad = _like(lrs)  # shared: one entry shaped like lrs[0]; per parameter: like each entry
+    return _like(v), lr_grad, (_like(v) if has_next else [])
+
+
+@torch.library.register_fake("pymaml::fd_perturb")
+def _(params, direction, eps, eps_scale):
+    return _like(params), _like(params)
+
+
+@torch.library.register_fake("pymaml::fd_quotient")
+def _(grads_plus, grads_minus, eps, eps_scale):
+    return _like(grads_plus)
+
+
+def _norm_fake(tensors):
+    torch._check(len(tensors) > 0, lambda: "global_norm: tensors is empty")
+    dt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return tensors[0].new_empty((), dtype=dt)
+
+
+@torch.library.register_fake("pymaml::global_norm")
+def _(tensors):
+    return _norm_fake(tensors)
+
+
+@torch.library.register_fake("pymaml::clip_grad_norm_")
+def _(tensors, max_norm, eps):
+    return _norm_fake(tensors)
+
+
+# --------------------------------------------------------------------------- autograd
+def _alpha(lrs: Sequence[Tensor], i: int, n: int, like: Tensor) -> Tensor:
+    a = lrs[0] if _shared(lrs, n) else lrs[i]
+    a = a.to(_opm(like.dtype))
+    return a.reshape(()) if a.numel() == 1 else a
+
+
+def _reduce_to(lrs: Sequence[Tensor], n: int, per_param: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """Element-wise d/dα per parameter -> gradient of each α entry (its shape and dtype)."""
+    if _shared(lrs, n):
+        a = lrs[0]
+        parts = [g.sum(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
+                 for g in per_param if g is not None]
+        total = torch.stack(parts).sum() if parts else a.new_zeros(())
+        return [total.to(a.dtype).reshape(a.shape)]
+    out = []
+    for a, g in zip(lrs, per_param):
+        if g is None:
+            out.append(None)
+        elif a.numel() == 1:
+            out.append(g.sum().to(a.dtype).reshape(a.shape))
+        else:
+            out.append(g.to(a.dtype))
+    return out
+
+
+def _zero_if_none(gs, like):
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, like)]
+
+
+def _setup_update(ctx, inputs, output):
+    params, grads, lr_or_lrs, wd = inputs
+    ctx.n = len(params)
+    ctx.wd = wd
+    if isinstance(lr_or_lrs, float):
+        ctx.lr = lr_or_lrs
+        ctx.nl = 0
+        ctx.save_for_backward(*params, *grads)
+    else:
+        ctx.lr = None
+        ctx.nl = len(lr_or_lrs)
+        ctx.save_for_backward(*params, *grads, *lr_or_lrs)
+
+
+def _backward_update(ctx, gouts):
+    n, wd = ctx.n, ctx.wd
+    saved = ctx.saved_tensors
+    params, grads, lrs = saved[:n], saved[n:2 * n], saved[2 * n:]
+    gouts = _zero_if_none(gouts, params)
+    dp, dg, da = [], [], []
+    for i, (p, g, go) in enumerate(zip(params, grads, gouts)):
+        a = ctx.lr if ctx.lr is not None else _alpha(lrs, i, n, p)
+        go32 = go.to(_opm(p.dtype))
+        dg.append((-(a * go32)).to(g.dtype))
+        dp.append((go32 - (wd * a) * go32).to(p.dtype) if wd else go)
+        if ctx.lr is None:
+            d = g.to(go32.dtype) + wd * p.to(go32.dtype) if wd else g.to(go32.dtype)
+            da.append(-(go32 * d))
+    dlrs = _reduce_to(lrs, n, da) if ctx.lr is None else None
+    return dp, dg, dlrs, None
+
+
+torch.library.register_autograd("pymaml::sgd_update", _backward_update, setup_context=_setup_update)
+torch.library.register_autograd("pymaml::sgd_update_lrs", _backward_update, setup_context=_setup_update)
+
+
+def _setup_step(ctx, inputs, output):
+    v, hvp, grads, lrs, next_lrs, next_lr, has_next = inputs
+    ctx.n, ctx.nl, ctx.nn = len(v), len(lrs), len(next_lrs)
+    ctx.next_lr, ctx.has_next = next_lr, has_next
+    ctx.save_for_backward(*v, *hvp, *grads, *lrs, *next_lrs)
+
+
+def _backward_step(ctx, g_vout, g_lrgrad, g_unext):
+    n, nl = ctx.n, ctx.nl
+    s = ctx.saved_tensors
+    v, hvp, grads = s[:n], s[n:2 * n], s[2 * n:3 * n]
+    lrs, next_lrs = s[3 * n:3 * n + nl], s[3 * n + nl:]
+    g_vout = _zero_if_none(g_vout, v)
+    dv, dh, dg, dnext = [], [], [], []
+    for i in range(n):
+        vi, hi, gi = v[i], hvp[i], grads[i]
+        om = _opm(vi.dtype)
+        dvo = g_vout[i].to(om)
+        if ctx.has_next and g_unext and g_unext[i] is not None:
+            gu = g_unext[i].to(om)
+            an = _alpha(next_lrs, i, n, vi) if next_lrs else ctx.next_lr
+            dvo = dvo + an * gu
+            if next_lrs:
+                dnext.append(gu * (vi.to(om) - hi.to(om)))
+        elif next_lrs:
+            dnext.append(None)
+        dv_i, dg_i = dvo, None
+        if nl and g_lrgrad:
+            gl = g_lrgrad[0] if _shared(lrs, n) else g_lrgrad[i]
+            if gl is not None:
+                gl = gl.to(om)
+                gl = gl.reshape(()) if gl.numel() == 1 else gl
+                dv_i = dv_i - gl * gi.to(om)
+                dg_i = (-(gl * vi.to(om))).to(gi.dtype)
+        dv.append(dv_i.to(vi.dtype))
+        dh.append((-dvo).to(hi.dtype))
+        dg.append(dg_i if dg_i is not None else torch.zeros_like(gi))
+    dnl = _reduce_to(next_lrs, n, dnext) if next_lrs else None
+    return dv, dh, dg, None, dnl, None, None
+
+
+torch.library.register_autograd("pymaml::backward_step", _backward_step, setup_context=_setup_step)
+
+
+def _setup_fd(ctx, inputs, output):
+    a, b, eps, scale = inputs
+    ctx.n, ctx.eps = len(a), eps
+    ctx.save_for_backward(*a, *b, scale)
+
+
+def _backward_perturb(ctx, g_plus, g_minus):
+    n, eps = ctx.n, ctx.eps
+    s = ctx.saved_tensors
+    params, direction, scale = s[:n], s[n:2 * n], s[2 * n]
+    g_plus, g_minus = _zero_if_none(g_plus, params), _zero_if_none(g_minus, params)
+    dp, du, ds = [], [], []
+    for p, u, gp, gm in zip(params, direction, g_plus, g_minus):
+        om = _opm(p.dtype)
+        step = eps * scale.to(om).reshape(())
+        diff = gp.to(om) - gm.to(om)
+        dp.append((gp.to(om) + gm.to(om)).to(p.dtype))
+        du.append((step * diff).to(u.dtype))
+        ds.append((eps * (u.to(om) * diff).sum()).to(scale.dtype))
+    dscale = torch.stack(ds).sum().reshape(scale.shape) if ds else torch.zeros_like(scale)
+    return dp, du, None, dscale
+
+
+torch.library.register_autograd("pymaml::fd_perturb", _backward_perturb, setup_context=_setup_fd)
+
+
+def _backward_quotient(ctx, g_out):
+    n, eps = ctx.n, ctx.eps
+    s = ctx.saved_tensors
+    a, b, scale = s[:n], s[n:2 * n], s[2 * n]
+    g_out = _zero_if_none(g_out, a)
+    da, db, ds = [], [], []
+    for ai, bi, go in zip(a, b, g_out):
+        om = _opm(ai.dtype)
+        sc = scale.to(om).reshape(())
+        q = go.to(om) / (2 * eps * sc)
+        da.append(q.to(ai.dtype))
+        db.append((-q).to(bi.dtype))
+        ds.append((-(q * (ai.to(om) - bi.to(om))).sum() / sc).to(scale.dtype))
+    dscale = torch.stack(ds).sum().reshape(scale.shape) if ds else torch.zeros_like(scale)
+    return da, db, None, dscale
+
+
+torch.library.register_autograd("pymaml::fd_quotient", _backward_quotient, setup_context=_setup_fd)
+
+
+def _setup_norm(ctx, inputs, output):
+    (tensors,) = inputs
+    ctx.n = len(tensors)
+    ctx.save_for_backward(*tensors, output)
+
+
+def _backward_norm(ctx, g):
+    s = ctx.saved_tensors
+    tensors, norm = s[:ctx.n], s[ctx.n]
+    scale = g / norm
+    return ([(t.to(scale.dtype) * scale.to(t.device)).to(t.dtype) for t in tensors],)
+
+
+torch.library.register_autograd("pymaml::global_norm", _backward_norm, setup_context=_setup_norm)

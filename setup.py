@@ -1,0 +1,85 @@
+"""Builds pymaml._C: C++ CPU kernels always, CUDA kernels when a CUDA toolkit and a CUDA build of
+torch are present (no GPU needed). Environment switches:
+
+  PYMAML_NO_EXTENSION=1   pure-Python install (pymaml falls back to its pure-torch ops)
+  PYMAML_NO_CUDA=1        CPU kernels only, even if CUDA is available
+  PYMAML_FORCE_CUDA=1     fail loudly unless the CUDA kernels can be built
+  TORCH_CUDA_ARCH_LIST    CUDA architectures (default "9.0", i.e. sm_90)
+
+If compiling fails the install still succeeds (pure-torch backend) with a warning, unless forced.
+"""
+import glob
+import os
+import warnings
+
+from setuptools import find_packages, setup
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _extensions():
+    if _flag("PYMAML_NO_EXTENSION"):
+        return [], {}
+    import torch
+    from packaging.version import Version
+    from torch.utils import cpp_extension as ce
+
+    use_cuda = bool(torch.version.cuda) and ce.CUDA_HOME is not None and not _flag("PYMAML_NO_CUDA")
+    if _flag("PYMAML_FORCE_CUDA") and not use_cuda:
+        raise RuntimeError(f"PYMAML_FORCE_CUDA=1 but torch.version.cuda={torch.version.cuda!r}, "
+                           f"CUDA_HOME={ce.CUDA_HOME!r}, PYMAML_NO_CUDA={os.environ.get('PYMAML_NO_CUDA')!r}")
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-Wno-unknown-pragmas"]  # torch picks the C++ standard it needs (C++20 for torch 2.14)
+    ext = ce.CppExtension
+    kwargs = {}
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # one arch keeps the CI build short
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        ext = ce.CUDAExtension
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-Xfatbin", "-compress-all"]
+        if Version(torch.version.cuda) >= Version("11.2"):
+            nvcc += ["--threads", "2"]
+        kwargs["define_macros"] = [("PYMAML_WITH_CUDA", None)]
+        extra = {"cxx": cxx, "nvcc": nvcc}
+    else:
+        extra = {"cxx": cxx}
+    module = ext("pymaml._C", sources, include_dirs=[os.path.abspath("csrc/include")],
+                 extra_compile_args=extra, py_limited_api=False, **kwargs)
+    return [module], {"build_ext": _build_ext_class(ce.BuildExtension, use_cuda)}
+
+
+def _build_ext_class(base, use_cuda):
+    class BuildExt(base):
+        """Records what was built (pymaml/_build_info.py) and turns a failed compile into a warning."""
+
+        def run(self):
+            try:
+                super().run()
+                self._write_info(built=True, error="")
+            except Exception as e:  # noqa: BLE001 - any compiler failure must not break the install
+                if _flag("PYMAML_FORCE_CUDA"):
+                    raise
+                warnings.warn(f"pymaml: compiling the C++/CUDA kernels failed ({type(e).__name__}: {e}); "
+                              f"installing the pure-torch backend only. `python -m pymaml.info` will say so.")
+                self._write_info(built=False, error=f"{type(e).__name__}: {e}")
+
+        def _write_info(self, built, error):
+            import torch
+            arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if use_cuda else ""
+            text = (f"# Written by setup.py at build time.\n"
+                    f"BUILT = {built!r}\nWITH_CUDA = {use_cuda and built!r}\nCUDA_ARCH_LIST = {arch!r}\n"
+                    f"TORCH_VERSION = {torch.__version__!r}\nCUDA_VERSION = {torch.version.cuda!r}\n"
+                    f"BUILD_ERROR = {error!r}\n")
+            for root in {os.path.join(self.build_lib, "pymaml"), "pymaml"}:
+                if os.path.isdir(root):
+                    with open(os.path.join(root, "_build_info.py"), "w") as f:
+                        f.write(text)
+
+    # ninja is used whenever it is installed (BuildExtension's default).
+    return BuildExt.with_options(use_ninja=True)
+
+
+ext_modules, cmdclass = _extensions()
+setup(packages=find_packages(include=["pymaml", "pymaml.*"]), ext_modules=ext_modules, cmdclass=cmdclass)
