@@ -4,7 +4,7 @@
 // max, the softmax denominator and ⟨p, z_v⟩, so any number of classes works), for MSE one thread
 // per element. Launched on the current stream under a device guard, checked after each launch.
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/macros/Macros.h>
