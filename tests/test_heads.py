@@ -24,7 +24,12 @@ HAS_COMPILED = heads._op_exists() and torch._C._dispatch_has_kernel_for_dispatch
 if HAS_COMPILED:
     heads.register_python_kernels()
 
-BACKENDS = [pytest.param("compiled", marks=pytest.mark.skipif(not HAS_COMPILED, reason="extension not built")),
+# Under PYMAML_BACKEND=torch (the suite's pure-torch run) the package decides for torch at import, so
+# the wrapper is only tested on that path; the op itself is still tested directly when loaded.
+FORCED_TORCH = os.environ.get("PYMAML_BACKEND", "").lower() == "torch"
+BACKENDS = [pytest.param("compiled", marks=pytest.mark.skipif(
+                not HAS_COMPILED or FORCED_TORCH,
+                reason="extension not built" if not HAS_COMPILED else "PYMAML_BACKEND=torch")),
             "torch"]
 LOSSES = ["cross_entropy", "mse"]
 
