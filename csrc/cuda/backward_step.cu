@@ -83,43 +83,30 @@ struct BackwardStepFunctor {
   }
 };
 
-// How a list of step sizes applies to the N tensors (see the schema comment in ops.cpp).
+// How a list of step sizes applies to the N tensors (see the contract in pymaml/ops.h).
 struct LrForm {
   enum Kind { kAbsent, kShared, kList } kind = kAbsent;
   bool shared_on_device = false;
   double host_value = 0.0;  // a shared one-element α on the CPU, read on the host
 };
 
-LrForm classify(const char* op, const char* name, at::TensorList lrs, at::TensorList v, const at::Device& device,
-                bool read_cpu_value) {
+LrForm classify(const char* op, const char* name, at::TensorList lrs, at::TensorList v, bool read_cpu_value) {
   LrForm f;
-  if (lrs.empty()) return f;
-  for (size_t i = 0; i < lrs.size(); ++i) {
-    TORCH_CHECK(lrs[i].defined(), op, ": ", name, "[", i, "] is undefined");
-    TORCH_CHECK(is_supported_float(lrs[i].scalar_type()), op, ": ", name, "[", i, "] has dtype ",
-                lrs[i].scalar_type(), "; only float32, float64, float16 and bfloat16 step sizes are supported");
+  switch (check_lrs(op, name, lrs, v, /*allow_none=*/true)) {
+    case LrKind::kNone:
+      return f;
+    case LrKind::kPerParam:
+      f.kind = LrForm::kList;  // check_lrs: each entry on its tensor's device
+      return f;
+    case LrKind::kShared:
+      f.kind = LrForm::kShared;
+      if (!lrs[0].device().is_cpu()) {
+        f.shared_on_device = true;  // check_lrs: on v[0]'s device
+      } else if (read_cpu_value) {
+        f.host_value = lrs[0].item<double>();  // a CPU read: no GPU sync
+      }
+      return f;
   }
-  if (lrs.size() == 1 && (v.size() != 1 || lrs[0].numel() == 1)) {
-    TORCH_CHECK(lrs[0].numel() == 1, op, ": a shared ", name, " must hold one number, got shape ", lrs[0].sizes());
-    f.kind = LrForm::kShared;
-    if (lrs[0].device().is_cpu()) {
-      if (read_cpu_value) f.host_value = lrs[0].item<double>();  // a CPU read: no GPU sync
-    } else {
-      TORCH_CHECK(lrs[0].device() == device, op, ": ", name, "[0] is on ", lrs[0].device(), " but v[0] is on ",
-                  device);
-      f.shared_on_device = true;
-    }
-    return f;
-  }
-  TORCH_CHECK(lrs.size() == v.size(), op, ": ", name, " has ", lrs.size(), " entries but there are ", v.size(),
-              " tensors in v");
-  for (size_t i = 0; i < lrs.size(); ++i) {
-    TORCH_CHECK(lrs[i].numel() == 1 || lrs[i].sizes() == v[i].sizes(), op, ": ", name, "[", i, "] has shape ",
-                lrs[i].sizes(), "; expected one number or the shape of v[", i, "], ", v[i].sizes());
-    TORCH_CHECK(lrs[i].device() == device, op, ": ", name, "[", i, "] is on ", lrs[i].device(), " but v[", i,
-                "] is on ", device);
-  }
-  f.kind = LrForm::kList;
   return f;
 }
 
@@ -131,24 +118,22 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     at::TensorList v, at::TensorList hvp, at::TensorList grads, at::TensorList lrs, at::TensorList next_lrs,
     double next_lr, bool has_next) {
   const char* op = "backward_step";
-  check_same_layout(op, "v", v, "hvp", hvp);
-  check_same_layout(op, "v", v, "grads", grads);
+  check_pairs(op, {"v", "hvp", "grads"}, {v, hvp, grads});
   const size_t n = v.size();
-  const bool make_next = has_next || !next_lrs.empty();
+  const bool make_next = has_next;
   if (n == 0) {
     // Nothing to walk; a shared α still gets its (zero) gradient.
+    const LrForm lr_form = classify(op, "lr", lrs, v, false);
+    if (has_next) classify(op, "next_lr", next_lrs, v, false);
     std::vector<at::Tensor> lr_grad;
-    if (lrs.size() == 1) lr_grad.push_back(at::zeros_like(lrs[0], at::MemoryFormat::Contiguous));
+    if (lr_form.kind == LrForm::kShared) lr_grad.push_back(at::zeros(lrs[0].sizes(), lrs[0].options()));
     return {std::vector<at::Tensor>{}, lr_grad, std::vector<at::Tensor>{}};
   }
-  const at::Device device = v[0].device();
-  TORCH_CHECK(device.is_cuda(), op, ": the CUDA kernel got v[0] on ", device);
-  check_list_device(op, "v", v, device);
-  check_list_device(op, "hvp", hvp, device);
-  check_list_device(op, "grads", grads, device);
+  const at::Device device = cuda_device_of(op, "v", v);
   const c10::cuda::CUDAGuard guard(device);
-  const LrForm lr_form = classify(op, "lrs", lrs, v, device, /*read_cpu_value=*/false);
-  const LrForm next_form = classify(op, "next_lrs", next_lrs, v, device, /*read_cpu_value=*/true);
+  const LrForm lr_form = classify(op, "lr", lrs, v, /*read_cpu_value=*/false);
+  // next_lrs matter only when there is a next step (u_next is [] otherwise).
+  const LrForm next_form = has_next ? classify(op, "next_lr", next_lrs, v, /*read_cpu_value=*/true) : LrForm{};
 
   std::vector<at::Tensor> v_c(n), h_c(n), g_c(n), na_c(n), v_out(n), lg_buf(n), u_out;
   std::vector<at::Tensor> lr_grad;

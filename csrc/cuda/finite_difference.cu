@@ -82,15 +82,14 @@ struct QuotientFunctor {
   }
 };
 
-StepSize make_step(const char* op, double factor, const at::Tensor& eps_scale, const at::Device& device) {
-  TORCH_CHECK(eps_scale.defined(), op, ": eps_scale is undefined");
-  TORCH_CHECK(eps_scale.numel() == 1, op, ": eps_scale must hold one number, got shape ", eps_scale.sizes());
-  TORCH_CHECK(is_supported_float(eps_scale.scalar_type()), op, ": eps_scale has dtype ", eps_scale.scalar_type(),
-              "; only float32, float64, float16 and bfloat16 are supported");
-  if (eps_scale.device().is_cpu()) return StepSize{factor * eps_scale.item<double>(), nullptr, 0};
-  TORCH_CHECK(eps_scale.device() == device, op, ": eps_scale is on ", eps_scale.device(), " but the tensors are on ",
-              device);
-  return StepSize{factor, eps_scale.const_data_ptr(), static_cast<uint8_t>(eps_scale.scalar_type())};
+StepSize make_step(const char* op, double eps, double factor, const at::Tensor& eps_scale,
+                   const at::Device& device) {
+  check_eps_scale(op, eps_scale);
+  TORCH_CHECK_VALUE(eps != 0.0, op, ": eps must be non-zero, got ", eps);
+  if (eps_scale.device().is_cpu()) return StepSize{factor * eps * eps_scale.item<double>(), nullptr, 0};  // no GPU sync
+  TORCH_CHECK_VALUE(eps_scale.device() == device, op, ": eps_scale is on ", eps_scale.device(),
+                    " but the tensors are on ", device);
+  return StepSize{factor * eps, eps_scale.const_data_ptr(), static_cast<uint8_t>(eps_scale.scalar_type())};
 }
 
 // Checks a/b, then calls fill(entry, i) for every non-empty index of each dtype group and launches.
@@ -116,22 +115,22 @@ void run_grouped(const char* op, at::TensorList a, const StepSize& step, Fill fi
 
 at::Device check_two_lists(const char* op, const char* name_a, at::TensorList a, const char* name_b,
                            at::TensorList b) {
-  check_same_layout(op, name_a, a, name_b, b);
-  const at::Device device = a[0].device();
-  TORCH_CHECK(device.is_cuda(), op, ": the CUDA kernel got ", name_a, "[0] on ", device);
-  check_list_device(op, name_a, a, device);
-  check_list_device(op, name_b, b, device);
-  return device;
+  check_pairs(op, {name_a, name_b}, {a, b});
+  return cuda_device_of(op, name_a, a);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> fd_perturb_cuda(at::TensorList params,
                                                                             at::TensorList direction, double eps,
                                                                             const at::Tensor& eps_scale) {
   const char* op = "fd_perturb";
-  if (params.empty() && direction.empty()) return {};
+  if (params.empty() || direction.empty()) {
+    check_pairs(op, {"params", "direction"}, {params, direction});
+    make_step(op, eps, 1.0, eps_scale, eps_scale.device());
+    return {};
+  }
   const at::Device device = check_two_lists(op, "params", params, "direction", direction);
   const c10::cuda::CUDAGuard guard(device);
-  const StepSize step = make_step(op, eps, eps_scale, device);
+  const StepSize step = make_step(op, eps, 1.0, eps_scale, device);
   const size_t n = params.size();
   std::vector<at::Tensor> p_c(n), u_c(n), plus(n), minus(n);
   for (size_t i = 0; i < n; ++i) {
@@ -149,10 +148,14 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> fd_perturb_cuda(at:
 std::vector<at::Tensor> fd_quotient_cuda(at::TensorList grads_plus, at::TensorList grads_minus, double eps,
                                          const at::Tensor& eps_scale) {
   const char* op = "fd_quotient";
-  if (grads_plus.empty() && grads_minus.empty()) return {};
+  if (grads_plus.empty() || grads_minus.empty()) {
+    check_pairs(op, {"grads_plus", "grads_minus"}, {grads_plus, grads_minus});
+    make_step(op, eps, 2.0, eps_scale, eps_scale.device());
+    return {};
+  }
   const at::Device device = check_two_lists(op, "grads_plus", grads_plus, "grads_minus", grads_minus);
   const c10::cuda::CUDAGuard guard(device);
-  const StepSize two_e = make_step(op, 2.0 * eps, eps_scale, device);
+  const StepSize two_e = make_step(op, eps, 2.0, eps_scale, device);
   const size_t n = grads_plus.size();
   std::vector<at::Tensor> a_c(n), b_c(n), out(n);
   for (size_t i = 0; i < n; ++i) {

@@ -24,6 +24,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
+#include <pymaml/ops.h>
 
 #include <array>
 #include <cstdint>
@@ -275,33 +276,14 @@ __device__ __forceinline__ A block_sum(A x) {
 // ---------------------------------------------------------------------------------------------
 // Host helpers shared by the ops.
 
-inline bool is_supported_float(at::ScalarType s) {
-  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
-}
-
-// Every tensor defined, a supported float type, on `device` (a CUDA device).
-inline void check_list_device(const char* op, const char* name, at::TensorList ts, const at::Device& device) {
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const at::Tensor& t = ts[i];
-    TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
-    TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
-                "; only float32, float64, float16 and bfloat16 are supported");
-    TORCH_CHECK(t.device() == device, op, ": all tensors must be on one CUDA device, but ", name, "[", i,
-                "] is on ", t.device(), " and the first tensor is on ", device);
-  }
-}
-
-// b matches a index by index: same length, shape and dtype.
-inline void check_same_layout(const char* op, const char* name_a, at::TensorList a, const char* name_b,
-                              at::TensorList b) {
-  TORCH_CHECK(a.size() == b.size(), op, ": ", name_a, " and ", name_b, " differ in length: ", a.size(), " vs ",
-              b.size());
-  for (size_t i = 0; i < a.size(); ++i) {
-    TORCH_CHECK(a[i].sizes() == b[i].sizes(), op, ": ", name_a, "[", i, "] and ", name_b, "[", i,
-                "] differ in shape: ", a[i].sizes(), " vs ", b[i].sizes());
-    TORCH_CHECK(a[i].scalar_type() == b[i].scalar_type(), op, ": ", name_a, "[", i, "] has dtype ",
-                a[i].scalar_type(), " but ", name_b, "[", i, "] has dtype ", b[i].scalar_type());
-  }
+// The device of a CUDA op's list: ts[0]'s, which must be a CUDA device holding every tensor of ts
+// (the per-index checks of pymaml/ops.h then tie the other lists to it). ts must not be empty.
+inline at::Device cuda_device_of(const char* op, const char* name, at::TensorList ts) {
+  const at::Device device = ts[0].device();
+  TORCH_CHECK_VALUE(device.is_cuda(), op, ": ", name, "[0] is on ", device,
+                    " but the CUDA kernel was called; call through pymaml.ops, which groups tensors by device");
+  check_one_device(op, name, ts, device);
+  return device;
 }
 
 // A contiguous tensor of dtype `dtype` with t's values: t itself when it already is one.

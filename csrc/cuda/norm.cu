@@ -115,10 +115,9 @@ struct ScaleByNormFunctor {
 };
 
 void check_tensors(const char* op, at::TensorList tensors) {
-  TORCH_CHECK(!tensors.empty(), op, ": tensors is empty");
-  const at::Device device = tensors[0].device();
-  TORCH_CHECK(device.is_cuda(), op, ": the CUDA kernel got tensors[0] on ", device);
-  check_list_device(op, "tensors", tensors, device);
+  TORCH_CHECK_VALUE(!tensors.empty(), op, ": tensors is empty");
+  check_floating(op, "tensors", tensors);
+  cuda_device_of(op, "tensors", tensors);
 }
 
 // The norm of `contig` (contiguous views of the caller's tensors) as a 0-d tensor on the device.
@@ -170,7 +169,7 @@ at::Tensor global_norm_cuda(at::TensorList tensors) {
 
 at::Tensor clip_grad_norm__cuda(at::TensorList tensors, double max_norm, double eps) {
   const char* op = "clip_grad_norm_";
-  TORCH_CHECK(max_norm > 0, op, ": max_norm must be positive, got ", max_norm);
+  TORCH_CHECK_VALUE(max_norm > 0, op, ": max_norm must be positive, got ", max_norm);
   check_tensors(op, tensors);
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   std::vector<at::Tensor> contig;

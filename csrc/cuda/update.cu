@@ -62,38 +62,19 @@ struct LrSpec {
   bool shared_on_device = false;
 };
 
-// Validates lrs against params (see ops.cpp): empty is not allowed here; one entry with a
-// different number of params is the shared α; otherwise one per param, numel 1 or param's shape.
-LrSpec check_lrs(const char* op, at::TensorList params, at::TensorList lrs, const at::Device& device) {
+// Classifies lrs with the shared checks of pymaml/ops.h; reads a shared CPU α on the host.
+LrSpec lr_spec(const char* op, at::TensorList params, at::TensorList lrs) {
   LrSpec spec;
-  TORCH_CHECK(!lrs.empty(), op, ": lrs is empty; pass one shared step size or one per parameter");
-  for (size_t i = 0; i < lrs.size(); ++i) {
-    TORCH_CHECK(lrs[i].defined(), op, ": lrs[", i, "] is undefined");
-    TORCH_CHECK(is_supported_float(lrs[i].scalar_type()), op, ": lrs[", i, "] has dtype ", lrs[i].scalar_type(),
-                "; only float32, float64, float16 and bfloat16 step sizes are supported");
-  }
-  if (lrs.size() == 1 && (params.size() != 1 || lrs[0].numel() == 1)) {
-    const at::Tensor& a = lrs[0];
-    TORCH_CHECK(a.numel() == 1, op, ": a shared lr must hold one number, got shape ", a.sizes());
-    if (a.device().is_cpu()) {
-      spec.kind = LrSpec::kShared;
-      spec.host_value = a.item<double>();  // a CPU read: no GPU sync
-    } else {
-      TORCH_CHECK(a.device() == device, op, ": lrs[0] is on ", a.device(), " but params[0] is on ", device);
-      spec.kind = LrSpec::kShared;
-      spec.shared_on_device = true;
-    }
+  if (check_lrs(op, "lr", lrs, params, /*allow_none=*/false) == LrKind::kPerParam) {
+    spec.kind = LrSpec::kList;
     return spec;
   }
-  TORCH_CHECK(lrs.size() == params.size(), op, ": lrs has ", lrs.size(), " entries but there are ", params.size(),
-              " params");
-  for (size_t i = 0; i < lrs.size(); ++i) {
-    TORCH_CHECK(lrs[i].numel() == 1 || lrs[i].sizes() == params[i].sizes(), op, ": lrs[", i, "] has shape ",
-                lrs[i].sizes(), "; expected one number or the shape of params[", i, "], ", params[i].sizes());
-    TORCH_CHECK(lrs[i].device() == device, op, ": lrs[", i, "] is on ", lrs[i].device(), " but params[", i,
-                "] is on ", device);
+  spec.kind = LrSpec::kShared;
+  if (lrs[0].device().is_cpu()) {
+    spec.host_value = lrs[0].item<double>();  // a CPU read: no GPU sync
+  } else {
+    spec.shared_on_device = true;  // check_lrs: on params[0]'s device
   }
-  spec.kind = LrSpec::kList;
   return spec;
 }
 
@@ -161,12 +142,8 @@ void sgd_launch(const char* op, const std::vector<at::Tensor>& params_c, const s
 }
 
 void check_params_grads(const char* op, at::TensorList params, at::TensorList grads) {
-  check_same_layout(op, "params", params, "grads", grads);
-  if (params.empty()) return;
-  const at::Device device = params[0].device();
-  TORCH_CHECK(device.is_cuda(), op, ": the CUDA kernel got params[0] on ", device);
-  check_list_device(op, "params", params, device);
-  check_list_device(op, "grads", grads, device);
+  check_pairs(op, {"params", "grads"}, {params, grads});
+  if (!params.empty()) cuda_device_of(op, "params", params);
 }
 
 std::vector<at::Tensor> sgd_out_of_place(const char* op, at::TensorList params, at::TensorList grads,
@@ -214,7 +191,7 @@ std::vector<at::Tensor> sgd_update_lrs_cuda(at::TensorList params, at::TensorLis
   check_params_grads(op, params, grads);
   if (params.empty()) return {};
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const LrSpec spec = check_lrs(op, params, lrs, params[0].device());
+  const LrSpec spec = lr_spec(op, params, lrs);
   return sgd_out_of_place(op, params, grads, spec, 0.0, lrs, weight_decay);
 }
 
@@ -231,7 +208,7 @@ void sgd_update_lrs__cuda(at::TensorList params, at::TensorList grads, at::Tenso
   check_params_grads(op, params, grads);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const LrSpec spec = check_lrs(op, params, lrs, params[0].device());
+  const LrSpec spec = lr_spec(op, params, lrs);
   sgd_in_place(op, params, grads, spec, 0.0, lrs, weight_decay);
 }
 
