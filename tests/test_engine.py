@@ -196,7 +196,10 @@ def reference(model, tasks, loss_fn, steps, lr, step_weights=None, adapt_names=N
     return grads, lr_flat
 
 
-EXACT = [("unrolled", "double_backward"), ("recompute", "double_backward"), ("recompute", "jvp")]
+# (engine, hvp, keep_graphs_mib): recompute with double backward both keeping step graphs within the
+# default budget (these small models fit: no recomputation) and as the pure recursion (budget 0).
+EXACT = [("unrolled", "double_backward", 64.0), ("recompute", "double_backward", 64.0),
+         ("recompute", "double_backward", 0.0), ("recompute", "jvp", 64.0)]
 
 
 # ------------------------------------------------------------------------------------------- tests
@@ -210,9 +213,9 @@ def test_exact_engines_match_autograd(setup, steps, form, weighted):
     lr = make_lr(form, model, steps)
     w = [0.5 + 0.1 * i for i in range(steps)] if weighted else None
     ref, ref_lr = reference(model, tasks, loss_fn, steps, lr, step_weights=w)
-    for engine, hvp in EXACT:
+    for engine, hvp, keep in EXACT:
         res = meta_gradient(model, tasks, loss_fn, steps=steps, lr=lr, engine=engine, hvp=hvp,
-                            step_weights=w, task_batching="loop")
+                            step_weights=w, task_batching="loop", keep_graphs_mib=keep)
         assert rel(flat(res.grads), flat(ref)) < 1e-10, (engine, hvp)
         if ref_lr is None:
             assert res.lr_grads is None
@@ -259,12 +262,13 @@ def test_first_order_mean_over_tasks():
 
 
 @pytest.mark.parametrize("setup", ["mlp", "conv"])
-@pytest.mark.parametrize("engine,hvp", EXACT + [("first_order", "auto")])
-def test_vmap_equals_loop(setup, engine, hvp):
+@pytest.mark.parametrize("engine,hvp,keep", EXACT + [("first_order", "auto", 0.0)])
+def test_vmap_equals_loop(setup, engine, hvp, keep):
     model, tasks, loss_fn = SETUPS[setup]()
     lr = make_lr("per_element", model, 2)
-    a = meta_gradient(model, tasks, loss_fn, steps=2, lr=lr, engine=engine, hvp=hvp, task_batching="loop")
-    b = meta_gradient(model, tasks, loss_fn, steps=2, lr=lr, engine=engine, hvp=hvp, task_batching="vmap")
+    kw = dict(steps=2, lr=lr, engine=engine, hvp=hvp, keep_graphs_mib=keep)
+    a = meta_gradient(model, tasks, loss_fn, task_batching="loop", **kw)
+    b = meta_gradient(model, tasks, loss_fn, task_batching="vmap", **kw)
     assert a.task_batching == "loop" and b.task_batching == "vmap"
     assert rel(flat(b.grads), flat(a.grads)) < 1e-10
     assert rel(lr_grads_flat(lr, b.lr_grads), lr_grads_flat(lr, a.lr_grads)) < 1e-10
@@ -291,9 +295,9 @@ def test_anil_adapt_subset(setup, hvp):
     lr = make_lr("per_element", model, 3, adapt_names=head)
     ref, ref_lr = reference(model, tasks, loss_fn, 3, lr, adapt_names=head)
     tol = 1e-6 if hvp == "finite_difference" else 1e-10
-    for tb in ("loop", "vmap"):
+    for tb, keep in (("loop", 0.0), ("vmap", 64.0)):
         res = meta_gradient(model, tasks, loss_fn, steps=3, lr=lr, engine="recompute", hvp=hvp, adapt=head,
-                            task_batching=tb)
+                            task_batching=tb, keep_graphs_mib=keep)
         assert rel(flat(res.grads), flat(ref)) < tol
         assert rel(lr_grads_flat(lr, res.lr_grads), ref_lr) < tol
         body = [n for n in ref if n not in head]
@@ -304,8 +308,9 @@ def test_weight_decay():
     model, tasks, loss_fn = mlp_setup()
     lr = make_lr("per_tensor", model, 3)
     ref, ref_lr = reference(model, tasks, loss_fn, 3, lr, weight_decay=0.1)
-    for engine, hvp in EXACT:
-        res = meta_gradient(model, tasks, loss_fn, steps=3, lr=lr, engine=engine, hvp=hvp, weight_decay=0.1)
+    for engine, hvp, keep in EXACT:
+        res = meta_gradient(model, tasks, loss_fn, steps=3, lr=lr, engine=engine, hvp=hvp, weight_decay=0.1,
+                            keep_graphs_mib=keep)
         assert rel(flat(res.grads), flat(ref)) < 1e-10
         assert rel(lr_grads_flat(lr, res.lr_grads), ref_lr) < 1e-10
 
@@ -361,11 +366,12 @@ def test_dropout_replayed_by_recompute(tb):
     torch.manual_seed(3)
     model = DropoutMLP().train()
     out = {}
-    for engine, hvp in EXACT + [("recompute", "finite_difference")]:
+    for engine, hvp, keep in EXACT + [("recompute", "finite_difference", 0.0)]:
         torch.manual_seed(11)
-        res = meta_gradient(model, tasks, loss_fn, steps=3, lr=0.05, engine=engine, hvp=hvp, task_batching=tb)
-        out[(engine, hvp)] = (flat(res.grads), torch.rand(3))
-    ref_g, ref_next = out[("unrolled", "double_backward")]
+        res = meta_gradient(model, tasks, loss_fn, steps=3, lr=0.05, engine=engine, hvp=hvp, task_batching=tb,
+                            keep_graphs_mib=keep)
+        out[(engine, hvp, keep)] = (flat(res.grads), torch.rand(3))
+    ref_g, ref_next = out[EXACT[0]]
     for key, (g, nxt) in out.items():
         tol = 1e-6 if key[1] == "finite_difference" else 1e-10
         assert rel(g, ref_g) < tol, key
@@ -413,3 +419,21 @@ def test_errors_name_the_function_and_values():
                                                  if n != "head.bias"})
     with pytest.raises(ValueError, match=r"step_weights needs one weight per inner step: got 1 for steps=2"):
         meta_gradient(model, tasks, loss_fn, steps=2, step_weights=[1.0])
+
+
+def test_recompute_partial_graph_budget():
+    """A budget holding two steps' graphs: the last two steps reuse graphs, the first three recompute."""
+    from pymaml.functional.batching import make_units
+    from pymaml.functional.hvp import StepGraph
+    model, tasks, loss_fn = conv_setup(n_tasks=1)
+    names = [n for n, _ in model.named_parameters()]
+    units, _, _ = make_units(model, loss_fn, names, [], tasks, "loop")
+    from pymaml.functional.buffers import batch_norm_policy
+    with batch_norm_policy(model):
+        nbytes = StepGraph(units[0], [p.detach() for p in model.parameters()], [], measure=True).nbytes
+    assert nbytes > 0
+    lr = make_lr("per_tensor", model, 5)
+    ref, ref_lr = reference(model, tasks, loss_fn, 5, lr)
+    res = meta_gradient(model, tasks, loss_fn, steps=5, lr=lr, keep_graphs_mib=2.5 * nbytes / 2**20)
+    assert rel(flat(res.grads), flat(ref)) < 1e-10
+    assert rel(lr_grads_flat(lr, res.lr_grads), ref_lr) < 1e-10

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .. import ops
 from .batching import Unit, make_units
 from .buffers import RngTape, batch_norm_policy, has_randomness
-from .hvp import HVP_METHODS, hvp as _hvp, loss_and_grad
+from .hvp import HVP_METHODS, StepGraph, hvp as _hvp, loss_and_grad
 from .inner import LrPlan, mul_lr, split_params
 
 __all__ = ["MetaGradient", "meta_gradient", "ENGINES", "DEFAULT_HVP"]
@@ -47,6 +47,8 @@ __all__ = ["MetaGradient", "meta_gradient", "ENGINES", "DEFAULT_HVP"]
 ENGINES = ("unrolled", "recompute", "first_order")
 #: the exact HVP ``hvp="auto"`` resolves to (the faster one measured on CPU by benchmarks/bench_engine.py)
 DEFAULT_HVP = "double_backward"
+#: default ``keep_graphs_mib`` of :func:`meta_gradient`
+DEFAULT_KEEP_GRAPHS_MIB = 64.0
 
 
 @dataclass
@@ -107,7 +109,7 @@ def _weights(op, step_weights, steps):
     return w
 
 
-def _unrolled(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale, hvp_method, tape):
+def _unrolled(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale, hvp_method, tape, budget=0.0):
     th_leaf = [t.detach().requires_grad_() for t in theta0]
     ph_leaf = [p.detach().requires_grad_() for p in phi0]
     lr_leaf = plan.requires_grad_()
@@ -139,19 +141,33 @@ def _unrolled(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale,
     return th_g, ph_g, grads[n + m:], lq.detach(), s_loss.detach(), meta.detach(), unit.outputs(out)
 
 
-def _forward_sweep(unit: Unit, theta0, phi, plan: LrPlan, steps, weights, wd, scale, tape, keep_grads):
-    """θ_0 … θ_K (no graph), RNG states, optionally g_i, the weighted query grads for i < K."""
+def _forward_sweep(unit: Unit, theta0, phi, plan: LrPlan, steps, weights, wd, scale, tape, keep_grads,
+                   budget: float = 0.0):
+    """θ_0 … θ_K (no graph), RNG states, optionally g_i, the weighted query grads for i < K.
+
+    With ``budget`` > 0 (bytes) the graphs of the last steps are kept (``kept[i]``, a StepGraph) as
+    long as their total, estimated from step 0's graph, stays within the budget."""
     T = unit.T
     theta = [unit.stack(t.detach()) for t in theta0]
     if unit.batched:
         theta = [t.contiguous() for t in theta]
-    thetas, states, gs, qg = [theta], [], [], {}
+    thetas, states, gs, qg, kept = [theta], [], [], {}, {}
     ph_acc = [torch.zeros_like(p) for p in phi]
     s_loss = None
     meta = 0.0
+    first_kept = steps
     for i in range(steps):
         states.append(tape.capture())
-        loss, _, g, _ = loss_and_grad(unit, theta, phi, "s")
+        if budget > 0 and (i == 0 or i >= first_kept):
+            sg = StepGraph(unit, theta, phi, measure=(i == 0))
+            if i == 0:
+                first_kept = steps - min(steps, int(budget // max(sg.nbytes, 1)))
+            if i >= first_kept:
+                kept[i] = sg
+            loss, g = sg.loss, sg.grads()
+            del sg
+        else:
+            loss, _, g, _ = loss_and_grad(unit, theta, phi, "s")
         if s_loss is None:
             s_loss = loss
         if keep_grads:
@@ -174,13 +190,15 @@ def _forward_sweep(unit: Unit, theta0, phi, plan: LrPlan, steps, weights, wd, sc
     if s_loss is None:
         s_loss = loss_and_grad(unit, theta, phi, "s")[0]
     return dict(thetas=thetas, states=states, end_state=end_state, gs=gs, qg=qg, v=v, ph=ph_acc,
-                q=lq, s=s_loss, meta=meta, out=out)
+                q=lq, s=s_loss, meta=meta, out=out, kept=kept)
 
 
-def _recompute(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale, hvp_method, tape):
+def _recompute(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale, hvp_method, tape,
+               budget: float = 0.0):
     phi = [p.detach() for p in phi0]
     fs = _forward_sweep(unit, theta0, phi, plan, steps, weights, wd, scale, tape,
-                        keep_grads=(hvp_method == "finite_difference"))
+                        keep_grads=(hvp_method == "finite_difference"),
+                        budget=budget if hvp_method == "double_backward" else 0.0)
     T = unit.T
     v, ph_acc, thetas = fs["v"], fs["ph"], fs["thetas"]
     lr_acc = plan.zero_grads()
@@ -188,7 +206,12 @@ def _recompute(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale
     for i in reversed(range(steps)):
         state = fs["states"][i]
         replay = (lambda s=state: tape.restore(s)) if state is not None else None
-        g, hu, mu = _hvp(hvp_method, unit, thetas[i], phi, u, replay)
+        sg = fs["kept"].pop(i, None)
+        if sg is not None:
+            g, hu, mu = sg.hvp(u)
+            del sg
+        else:
+            g, hu, mu = _hvp(hvp_method, unit, thetas[i], phi, u, replay)
         if g is None:
             g = fs["gs"][i]
         ph_acc = [a - m for a, m in zip(ph_acc, mu)]
@@ -205,7 +228,7 @@ def _recompute(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale
     return th_g, ph_acc, lr_acc, fs["q"], fs["s"], fs["meta"], unit.outputs(fs["out"])
 
 
-def _first_order(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale, hvp_method, tape):
+def _first_order(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale, hvp_method, tape, budget=0.0):
     phi = [p.detach() for p in phi0]
     need_lr = plan.any_tensor
     fs = _forward_sweep(unit, theta0, phi, plan, steps, weights, wd, scale, tape, keep_grads=need_lr)
@@ -235,7 +258,7 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
                   params: Optional[Mapping[str, Tensor]] = None, steps: int = 1, lr=0.01,
                   engine: str = "auto", hvp: str = "auto", step_weights: Optional[Sequence] = None,
                   adapt: Optional[Iterable[str]] = None, task_batching: str = "auto",
-                  weight_decay: float = 0.0) -> MetaGradient:
+                  weight_decay: float = 0.0, keep_graphs_mib: float = DEFAULT_KEEP_GRAPHS_MIB) -> MetaGradient:
     """The exact (or first-order) MAML meta-gradient of the mean query loss over ``tasks``.
 
     model          any nn.Module; run through ``torch.func.functional_call`` on ``params``
@@ -254,6 +277,11 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
                    still receive their meta-gradient (ANIL: ``adapt=["head.weight", "head.bias"]``)
     task_batching  "vmap" | "loop" | "auto" (see :mod:`pymaml.functional.batching`)
     weight_decay   inner-loop L2 term: θ_{i+1} = θ_i − α_i(g_i + weight_decay·θ_i)
+    keep_graphs_mib  ``recompute`` with double backward keeps the autograd graphs of the LAST inner
+                   steps (consumed first going backwards) while their size, measured on step 0,
+                   fits in this many MiB per task unit, and recomputes the others. Memory stays
+                   flat in K (bounded by the budget); small models skip all recomputation. 0 gives
+                   the pure recursion that stores only θ_0 … θ_K.
 
     Nothing is modified: neither the module's parameters and buffers nor their ``.grad``.
     """
@@ -268,6 +296,8 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
         raise ValueError(f"{op}: engine must be one of {ENGINES + ('auto',)}, got {engine!r}")
     if hvp == "auto":
         hvp = DEFAULT_HVP
+    if not keep_graphs_mib >= 0:
+        raise ValueError(f"{op}: keep_graphs_mib must be >= 0, got {keep_graphs_mib!r}")
     if hvp not in HVP_METHODS:
         raise ValueError(f"{op}: hvp must be one of {HVP_METHODS + ('auto',)}, got {hvp!r}")
     weights = _weights(op, step_weights, steps)
@@ -282,7 +312,8 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
     acc = _Acc(len(theta0), len(phi0), len(plan.leaves))
     with batch_norm_policy(model, primitive=batched):
         for unit in units:
-            acc.add(*_RUN[engine](unit, theta0, phi0, plan, steps, weights, float(weight_decay), scale, hvp, tape))
+            acc.add(*_RUN[engine](unit, theta0, phi0, plan, steps, weights, float(weight_decay), scale, hvp, tape,
+                                  float(keep_graphs_mib) * 2**20))
     grads = dict(zip(names_ad, acc.th))
     grads.update(zip(names_fx, acc.ph))
     grads = {n: grads[n] for n in params}

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import reference_heads
+from .. import _backend, reference_heads
 from ..reference_heads import check_linear_head_hvp
 
 __all__ = ["HeadHVP", "linear_head_hvp", "compiled_available", "register_python_kernels"]
@@ -76,40 +76,21 @@ def register_python_kernels() -> bool:
     return True
 
 
-_UNSET = object()
-_backend_module = _UNSET
-_has_kernel = {}  # device type -> True, once seen (a loaded kernel never goes away)
-
-
-def _backend_forces_torch() -> bool:
-    # pymaml._backend (when present) makes the package-wide decision; PYMAML_BACKEND=torch forces
-    # the pure-torch path either way. The module is looked up once: a failed import costs ~80 µs.
-    global _backend_module
-    if os.environ.get("PYMAML_BACKEND", "").lower() == "torch":
-        return True
-    if _backend_module is _UNSET:
-        try:
-            from .. import _backend as mod  # type: ignore[attr-defined]
-        except ImportError:
-            mod = None
-        _backend_module = mod
-    if _backend_module is None:
-        return False
-    name = getattr(_backend_module, "BACKEND", None) or getattr(_backend_module, "name", None)
-    if callable(name):
-        name = name()
-    return isinstance(name, str) and name.lower() == "torch"
+_has_kernel = {}  # device type -> True once seen (a loaded kernel never goes away)
 
 
 def compiled_available(device: torch.device) -> bool:
-    """Whether the compiled op has a kernel for ``device`` and the backend is not forced to torch."""
-    if _backend_forces_torch():
+    """Whether ``device`` tensors go to the compiled op: the package's backend decision
+    (``pymaml._backend.compiled_for``, made once) says compiled for this device type, the loaded
+    ``pymaml._C`` has this op for it, and ``PYMAML_BACKEND=torch`` is not set now."""
+    if os.environ.get("PYMAML_BACKEND", "").strip().lower() == "torch":
         return False
     typ = device.type if isinstance(device, torch.device) else torch.device(device).type
     if _has_kernel.get(typ):
         return True
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(typ)
-    ok = key is not None and _op_exists() and torch._C._dispatch_has_kernel_for_dispatch_key(_QUALNAME, key)
+    ok = (key is not None and _backend.compiled_for(typ) and _op_exists()
+          and torch._C._dispatch_has_kernel_for_dispatch_key(_QUALNAME, key))
     if ok:
         _has_kernel[typ] = True
     return ok

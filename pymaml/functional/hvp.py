@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import ops
 
-__all__ = ["HVP_METHODS", "loss_and_grad", "hvp"]
+__all__ = ["HVP_METHODS", "loss_and_grad", "hvp", "StepGraph"]
 
 HVP_METHODS = ("double_backward", "jvp", "finite_difference")
 
@@ -50,27 +50,71 @@ def loss_and_grad(unit, theta: Sequence[Tensor], phi: Sequence[Tensor], which: s
     return loss.detach(), out.detach(), g[:n], (g[n:] if with_phi else None)
 
 
-def _double_backward(unit, theta, phi, u, replay):
-    if replay:
-        replay()
-    th = [t.detach().requires_grad_() for t in theta]
-    ph = [p.detach().requires_grad_() for p in phi]
+class StepGraph:
+    """The support loss's gradient at θ_i with its graph kept (``create_graph=True``), so that the
+    HVP of that step needs no recomputation: :meth:`hvp` is the double-backward product, and frees
+    the graph. ``nbytes`` (with ``measure=True``) is the size of the tensors the graph saved (forward
+    activations and the backward's own saved tensors), counted once per storage."""
+
+    def __init__(self, unit, theta, phi, measure: bool = False):
+        self.th = [t.detach().requires_grad_() for t in theta]
+        self.ph = [p.detach().requires_grad_() for p in phi]
+        self.nbytes = 0
+        seen = set()
+
+        def pack(t):
+            try:
+                st = t.untyped_storage()
+                key, size = st.data_ptr(), st.nbytes()
+            except (RuntimeError, NotImplementedError):  # wrapper tensors without a storage
+                key, size = id(t), t.numel() * t.element_size()
+            if key not in seen:
+                seen.add(key)
+                self.nbytes += size
+            return t
+
+        with torch.enable_grad():
+            if measure:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    self.loss, self.g = self._run(unit)
+            else:
+                self.loss, self.g = self._run(unit)
+
+    def _run(self, unit):
+        loss, _ = unit.loss(self.th, self.ph, "s")
+        return loss.detach(), torch.autograd.grad(loss, self.th, create_graph=True, allow_unused=True)
+
+    def grads(self) -> List[Tensor]:
+        return [torch.zeros_like(t) if gi is None else gi.detach() for gi, t in zip(self.g, self.th)]
+
+    def hvp(self, u: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        g = self.grads()
+        hu, mu = _second(self.g, self.th, self.ph, u)
+        self.g = None
+        return g, hu, mu
+
+
+def _second(g, th, ph, u):
+    """(H u, mixed term) from a gradient ``g`` of θ built with create_graph; consumes its graph."""
     with torch.enable_grad():
-        loss, _ = unit.loss(th, ph, "s")
-        g = torch.autograd.grad(loss, th, create_graph=True, allow_unused=True)
         outs, dirs = [], []
         for gi, ui in zip(g, u):
             if gi is not None and gi.requires_grad:
                 outs.append(gi)
                 dirs.append(ui)
-        wrt = th + ph
+        wrt = list(th) + list(ph)
         if outs:
             h = _fill(torch.autograd.grad(outs, wrt, grad_outputs=dirs, allow_unused=True), wrt)
         else:
             h = [torch.zeros_like(t) for t in wrt]
-    g = [torch.zeros_like(t) if gi is None else gi.detach() for gi, t in zip(g, th)]
     n = len(th)
-    return g, h[:n], h[n:]
+    return h[:n], h[n:]
+
+
+def _double_backward(unit, theta, phi, u, replay):
+    if replay:
+        replay()
+    return StepGraph(unit, theta, phi).hvp(u)
 
 
 def _jvp(unit, theta, phi, u, replay):
