@@ -38,9 +38,14 @@ class Unit:
         self.batched = batched
         self.T: Optional[int] = int(self.support[0].shape[0]) if batched else None
         self.n_tasks = self.T if batched else 1
+        self._vmapped = None
 
     def _fwd(self, theta, phi, x):
         return model_call(self.model, self.names_ad, self.names_fx, theta, phi, x)
+
+    def _task_loss(self, theta, phi, x, y):
+        out = self._fwd(theta, phi, x)
+        return self.loss_fn(out, y), out
 
     def loss(self, theta: Sequence[Tensor], phi: Sequence[Tensor], which: str,
              target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -50,10 +55,10 @@ class Unit:
         if target is not None:
             y = target
         if not self.batched:
-            out = self._fwd(theta, phi, x)
-            return self.loss_fn(out, y), out
-        out = torch.func.vmap(self._fwd, in_dims=(0, None, 0), randomness="different")(list(theta), list(phi), x)
-        per_task = torch.func.vmap(self.loss_fn)(out, y)
+            return self._task_loss(theta, phi, x, y)
+        if self._vmapped is None:
+            self._vmapped = torch.func.vmap(self._task_loss, in_dims=(0, None, 0, 0), randomness="different")
+        per_task, out = self._vmapped(list(theta), list(phi), x, y)
         return per_task.sum(), out
 
     def stack(self, t: Tensor) -> Tensor:
