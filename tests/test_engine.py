@@ -437,3 +437,46 @@ def test_recompute_partial_graph_budget():
     res = meta_gradient(model, tasks, loss_fn, steps=5, lr=lr, keep_graphs_mib=2.5 * nbytes / 2**20)
     assert rel(flat(res.grads), flat(ref)) < 1e-10
     assert rel(lr_grads_flat(lr, res.lr_grads), ref_lr) < 1e-10
+
+
+@pytest.mark.parametrize("setup", ["mlp", "conv"])
+@pytest.mark.parametrize("form,weighted", [("float", False), ("per_element", True), ("per_step_per_tensor", False)])
+def test_linear_head_fast_path(setup, form, weighted):
+    """Head-only adaptation with hvp='auto' takes the closed-form head path (features once, one body
+    backward) and equals plain autograd, θ and α, with weight decay, loop and stacked tasks."""
+    model, tasks, loss_fn = SETUPS[setup]()
+    head = ["head.weight", "head.bias"]
+    lr = make_lr(form, model, 3, adapt_names=head)
+    w = [0.3, 0.5, 1.0] if weighted else None
+    ref, ref_lr = reference(model, tasks, loss_fn, 3, lr, adapt_names=head, step_weights=w, weight_decay=0.01)
+    for tb in ("loop", "vmap"):
+        res = meta_gradient(model, tasks, loss_fn, steps=3, lr=lr, adapt=head, task_batching=tb, step_weights=w,
+                            weight_decay=0.01)
+        assert res.hvp == "linear_head"
+        assert rel(flat(res.grads), flat(ref)) < 1e-10
+        if ref_lr is not None:
+            assert rel(lr_grads_flat(lr, res.lr_grads), ref_lr) < 1e-10
+        gen = meta_gradient(model, tasks, loss_fn, steps=3, lr=lr, adapt=head, task_batching=tb, step_weights=w,
+                            weight_decay=0.01, hvp="double_backward")
+        assert torch.allclose(res.query_loss, gen.query_loss, rtol=1e-12)
+        assert torch.allclose(res.support_loss, gen.support_loss, rtol=1e-12)
+        for a, b in zip(res.query_outputs, gen.query_outputs):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+class ScaledHead(MLP):
+    """Has features + head, but forward is not head(features(x)): the fast path must not be used."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_linear_head_fast_path_not_taken_when_forward_differs():
+    _, tasks, loss_fn = mlp_setup()
+    torch.manual_seed(0)
+    model = ScaledHead((1, 16, 16, 1))
+    head = ["head.weight", "head.bias"]
+    ref, _ = reference(model, tasks, loss_fn, 2, 0.05, adapt_names=head)
+    res = meta_gradient(model, tasks, loss_fn, steps=2, lr=0.05, adapt=head)
+    assert res.hvp == "double_backward"
+    assert rel(flat(res.grads), flat(ref)) < 1e-10

@@ -23,7 +23,8 @@ Engines
     FOMAML: the recursion with H := 0. The meta-gradient is ∇L_q(θ_K) (plus the weighted
     ∇L_q(θ_i) with step weights); ∂L/∂α_i = −g_i ⊙ v_{i+1} to first order.
 ``auto``
-    ``recompute``.
+    ``recompute``; with ``hvp="auto"`` and head-only adaptation of a linear head, its closed-form
+    fast path (:mod:`pymaml.functional.head_path`).
 
 BatchNorm and dropout follow :mod:`pymaml.functional.buffers`; task batching
 :mod:`pymaml.functional.batching`.
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from . import head_path
 from .batching import Unit, make_units
 from .buffers import RngTape, batch_norm_policy, has_randomness
 from .hvp import HVP_METHODS, StepGraph, hvp as _hvp, loss_and_grad
@@ -271,7 +273,10 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
     lr             step sizes, see :mod:`pymaml.functional.inner` (float, shared Tensor, dict per
                    tensor or per element, or a per-step list of those); Tensors get ``lr_grads``
     engine         "unrolled" | "recompute" | "first_order" | "auto" (= recompute)
-    hvp            "double_backward" | "jvp" | "finite_difference" | "auto" (the faster exact one)
+    hvp            "double_backward" | "jvp" | "finite_difference" | "auto": the faster exact one,
+                   or, when only a linear head adapts (``adapt`` = ``head.*`` of a model with
+                   ``features`` + ``head``, cross-entropy/MSE), the closed-form head HVPs of
+                   :mod:`pymaml.functional.head_path` (reported as ``hvp="linear_head"``)
     step_weights   MAML++ multi-step loss: w_1 … w_K on L_q after each step
     adapt          names adapted in the inner loop (default all); the others stay fixed there but
                    still receive their meta-gradient (ANIL: ``adapt=["head.weight", "head.bias"]``)
@@ -294,7 +299,8 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
         engine = "recompute"
     if engine not in ENGINES:
         raise ValueError(f"{op}: engine must be one of {ENGINES + ('auto',)}, got {engine!r}")
-    if hvp == "auto":
+    hvp_auto = hvp == "auto"
+    if hvp_auto:
         hvp = DEFAULT_HVP
     if not keep_graphs_mib >= 0:
         raise ValueError(f"{op}: keep_graphs_mib must be >= 0, got {keep_graphs_mib!r}")
@@ -311,9 +317,21 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
     scale = 1.0 / n_tasks
     acc = _Acc(len(theta0), len(phi0), len(plan.leaves))
     with batch_norm_policy(model, primitive=batched):
+        head_kind = None
+        if engine == "recompute" and hvp_auto:
+            head_kind = head_path.applicable(model, names_ad, loss_fn)
+            if head_kind is not None and not head_path.verify(model, names_ad, names_fx, params,
+                                                              units[0].support[0][0] if batched else units[0].support[0]):
+                head_kind = None
         for unit in units:
+            if head_kind is not None:
+                acc.add(*head_path.run_head_path(model, head_kind, unit, names_ad, names_fx, theta0, phi0, plan,
+                                                 steps, weights, float(weight_decay), scale))
+                continue
             acc.add(*_RUN[engine](unit, theta0, phi0, plan, steps, weights, float(weight_decay), scale, hvp, tape,
                                   float(keep_graphs_mib) * 2**20))
+    if head_kind is not None:
+        hvp = "linear_head"
     grads = dict(zip(names_ad, acc.th))
     grads.update(zip(names_fx, acc.ph))
     grads = {n: grads[n] for n in params}
