@@ -217,9 +217,10 @@ def adapt(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callable[[T
     theta = [params[n] for n in names_ad]
     phi = [params[n] for n in names_fx]
     x, y = support
+    plan = LrPlan(op, lr, steps, names_ad, theta)  # validates lr whichever path runs
     with batch_norm_policy(model), torch.enable_grad():
         if create_graph:
-            plan_lr = _user_lr_forms(lr, steps, names_ad)
+            plan_lr = _user_lr_forms(lr, steps, names_ad)  # the user's own tensors: the graph reaches them
             th = list(theta)
             for i in range(steps):
                 leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in th]
@@ -228,7 +229,6 @@ def adapt(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callable[[T
                 g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, leaves)]
                 th = ops.sgd_update(leaves, g, plan_lr[i], weight_decay)
         else:
-            plan = LrPlan(op, lr, steps, names_ad, theta)
             th = [t.detach() for t in theta]
             ph = [p.detach() for p in phi]
             for i in range(steps):
