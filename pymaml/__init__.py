@@ -4,3 +4,7 @@ from . import ops
 from ._backend import backend, backend_reason
 
 __version__ = "0.1.0"
+
+from . import algorithms
+from .optim import MetaOptimizer
+from .wrapper import MAML

@@ -1,0 +1,404 @@
+"""The training job behind ``pymaml train``: meta-training, evaluation, checkpoints, plots.
+
+:func:`train` runs one job described by a :class:`TrainConfig` and returns its summary (a dict,
+also written to ``OUT/summary.json`` and ``OUT/summary.md``). Everything it writes goes under
+``config.out``:
+
+* ``checkpoint.pt``: model, outer optimizer, algorithm state (learned step sizes, iteration
+  counter), task-sampler state, the torch/numpy/python RNG states, the history and the elapsed
+  training time. ``resume=True`` continues from it and gives bit-identical parameters to an
+  uninterrupted run (same machine, same thread count).
+* ``curves.png``: training query loss (and accuracy) and the periodic held-out evaluation with its
+  95% confidence interval; ``fits.png`` for sinusoid: the fitted curves before and after adaptation.
+
+Evaluation tasks come from samplers with their own fixed seeds, so evaluating never changes the
+training stream: the same held-out tasks are used at every evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .algorithms import ALGORITHMS
+from .optim import MetaOptimizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "train", "OmniglotNet", "confidence_interval", "backend_summary"]
+
+DEFAULTS = {
+    # Finn et al. 2017, section 5.1: K = 10, one step α = 0.01, meta-batch 25, Adam 1e-3, 70k its.
+    "sinusoid": dict(shots=10, queries=10, meta_batch=25, inner_lr=0.01, inner_steps=1, eval_steps=1,
+                     outer_lr=1e-3, iterations=70000, eval_every=1000, eval_tasks=200, test_tasks=600),
+    # Omniglot 5-way 1-shot: one step α = 0.4 (three at test), meta-batch 32, 1 query per class.
+    "omniglot": dict(ways=5, shots=1, queries=1, meta_batch=32, inner_lr=0.4, inner_steps=1, eval_steps=3,
+                     outer_lr=1e-3, iterations=60000, eval_every=500, eval_tasks=200, test_tasks=600),
+}
+
+
+@dataclass
+class TrainConfig:
+    task: str = "sinusoid"
+    algorithm: str = "maml"
+    engine: str = "auto"
+    hvp: str = "auto"
+    task_batching: str = "auto"
+    iterations: Optional[int] = None
+    meta_batch: Optional[int] = None
+    inner_lr: Optional[float] = None
+    inner_steps: Optional[int] = None
+    eval_steps: Optional[int] = None
+    outer_lr: Optional[float] = None
+    ways: Optional[int] = None
+    shots: Optional[int] = None
+    queries: Optional[int] = None
+    eval_every: Optional[int] = None
+    eval_tasks: Optional[int] = None
+    test_tasks: Optional[int] = None
+    data: str = "data/omniglot"
+    out: str = "runs/pymaml"
+    seed: int = 0
+    resume: bool = False
+    checkpoint_every: int = 500
+    max_minutes: Optional[float] = None
+    threads: Optional[int] = None
+    progress: bool = True
+    plots: bool = True
+    algo_settings: Dict[str, object] = field(default_factory=dict)
+
+    def resolved(self) -> "TrainConfig":
+        if self.task not in DEFAULTS:
+            raise ValueError(f"train: task must be one of {sorted(DEFAULTS)}, got {self.task!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"train: algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
+        c = dataclasses.replace(self, algo_settings=dict(self.algo_settings))
+        for k, v in DEFAULTS[self.task].items():
+            if getattr(c, k) is None:
+                setattr(c, k, v)
+        return c
+
+
+class OmniglotNet(nn.Module):
+    """The MAML paper's Omniglot network: 4 × [3×3 conv, stride 2, 64 filters, BatchNorm, ReLU]
+    (strided convolutions instead of max-pooling, as the paper states for Omniglot), spatial mean,
+    linear ``head``. 28×28 → 14 → 7 → 4 → 2."""
+
+    def __init__(self, ways: int = 5, hidden: int = 64, in_channels: int = 1, blocks: int = 4):
+        super().__init__()
+        layers, c = [], in_channels
+        for _ in range(blocks):
+            layers += [nn.Conv2d(c, hidden, 3, stride=2, padding=1), nn.BatchNorm2d(hidden), nn.ReLU()]
+            c = hidden
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(hidden, ways)
+
+    def features(self, x):
+        return self.body(x).mean((2, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def confidence_interval(values) -> float:
+    """Half-width of the normal-approximation 95% confidence interval of the mean."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(1.96 * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def backend_summary() -> str:
+    """What ran underneath: ``pymaml.backend()`` when available."""
+    import pymaml
+    fn = getattr(pymaml, "backend", None)
+    if fn is None:
+        return "pure torch (pymaml.backend() not available in this build)"
+    try:
+        b = str(fn())
+        reason = getattr(pymaml, "backend_reason", None)
+        why = reason() if reason is not None else ""
+    except Exception as e:  # report, never fail a finished run on it
+        return f"unknown (pymaml.backend() raised {type(e).__name__}: {e})"
+    return f"{b} ({why})" if why else b
+
+
+# -- task setup ------------------------------------------------------------------------------------
+
+class _Job:
+    def __init__(self, c: TrainConfig):
+        self.c = c
+        if c.task == "sinusoid":
+            from .data import SinusoidTasks
+            from .models import MLP
+            self.model = MLP((1, 40, 40, 1))
+            self.loss_fn = F.mse_loss
+            self.train_tasks = SinusoidTasks(c.shots, c.queries, seed=c.seed)
+            self.eval_sampler = lambda split, seed: SinusoidTasks(c.shots, 100, seed=seed)
+            self.metric = "mse"
+        else:
+            from .data import Omniglot, OmniglotTasks
+            self.model = OmniglotNet(ways=c.ways)
+            self.loss_fn = F.cross_entropy
+            self.splits = {s: Omniglot(c.data, s) for s in ("train", "val", "test")}
+            self.train_tasks = OmniglotTasks(self.splits["train"], c.ways, c.shots, c.queries, seed=c.seed)
+            self.eval_sampler = lambda split, seed: OmniglotTasks(self.splits[split], c.ways, c.shots, c.queries,
+                                                                  seed=seed)
+            self.metric = "accuracy"
+
+    def evaluate(self, algo, split: str, n: int, seed: int, steps: int, batch: int = 50) -> dict:
+        sampler = self.eval_sampler(split, seed)
+        per_task = []
+        done = 0
+        while done < n:
+            b = min(batch, n - done)
+            x_s, y_s, x_q, y_q = sampler.sample(b)
+            losses, outputs = algo.evaluate((x_s, y_s, x_q, y_q), steps)
+            if self.metric == "accuracy":
+                per_task += [float((o.argmax(-1) == y).float().mean()) for o, y in zip(outputs, y_q)]
+            else:
+                per_task += losses
+            done += b
+        return {"mean": float(np.mean(per_task)), "ci95": confidence_interval(per_task), "tasks": n,
+                "steps": steps}
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def _save(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# -- plots -----------------------------------------------------------------------------------------
+
+def _smooth(y, n=50):
+    y = np.asarray(y, dtype=np.float64)
+    if len(y) < n:
+        return y
+    k = np.ones(n) / n
+    return np.convolve(y, k, mode="valid")
+
+
+def _plot_curves(path: str, hist: dict, metric: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    it = np.asarray(hist["iteration"])
+    key = "accuracy" if metric == "accuracy" else "query_loss"
+    ax = axes[0]
+    ax.plot(it, hist["query_loss"], alpha=0.25, lw=0.5, color="C0")
+    s = _smooth(hist["query_loss"])
+    ax.plot(it[len(it) - len(s):], s, color="C0", label="meta-train query loss (moving avg)")
+    ax.set_xlabel("iteration"); ax.set_ylabel("query loss after adaptation"); ax.set_yscale("log")
+    ax.legend(); ax.grid(alpha=0.3)
+    ax = axes[1]
+    ev = hist["eval"]
+    if ev:
+        x = [e["iteration"] for e in ev]
+        y = [e["mean"] for e in ev]
+        ci = [e["ci95"] for e in ev]
+        ax.errorbar(x, y, yerr=ci, marker="o", ms=3, capsize=2, label=f"held-out {metric} ± 95% CI")
+    if metric == "accuracy" and "accuracy" in hist and hist["accuracy"]:
+        s = _smooth(hist["accuracy"])
+        ax.plot(it[len(it) - len(s):], s, color="C1", alpha=0.7, label="meta-train query accuracy")
+    ax.set_xlabel("iteration"); ax.set_ylabel(metric); ax.grid(alpha=0.3); ax.legend()
+    if metric == "mse":
+        ax.set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_fits(path: str, job: "_Job", algo, seed: int, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from .data.sinusoid import SinusoidTasks, curve
+    from .functional.buffers import batch_norm_policy
+    sampler = SinusoidTasks(job.c.shots, 1, seed=seed)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax in axes:
+        amp, phase = sampler.sample_functions(1)
+        x_s, y_s = sampler.points(amp, phase, job.c.shots)
+        xs, ys = curve(float(amp[0]), float(phase[0]))
+        grid = torch.tensor(xs, dtype=torch.float32)[:, None]
+        ax.plot(xs, ys, "k-", lw=2, label="true function")
+        ax.plot(x_s[0, :, 0].numpy(), y_s[0, :, 0].numpy(), "k^", label=f"{job.c.shots} support points")
+        for steps, style in ((0, "C2:"), (1, "C0--"), (10, "C3-")):
+            fast = algo.adapt((x_s[0], y_s[0]), steps)
+            with torch.no_grad(), batch_norm_policy(job.model):
+                pred = torch.func.functional_call(job.model, fast, (grid,))
+            label = "before adaptation (θ)" if steps == 0 else f"after {steps} step{'s' if steps > 1 else ''}"
+            ax.plot(xs, pred[:, 0].numpy(), style, label=label)
+        ax.set_xlim(-5, 5); ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the job ---------------------------------------------------------------------------------------
+
+def _algo_settings(c: TrainConfig) -> dict:
+    s = dict(inner_lr=c.inner_lr, inner_steps=c.inner_steps, eval_steps=c.eval_steps, engine=c.engine,
+             hvp=c.hvp, task_batching=c.task_batching)
+    s.update(c.algo_settings)
+    return s
+
+
+def train(config: TrainConfig) -> dict:
+    """Runs (or resumes) one training job; returns its summary."""
+    c = config.resolved()
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    os.makedirs(c.out, exist_ok=True)
+    ckpt_path = os.path.join(c.out, "checkpoint.pt")
+    torch.manual_seed(c.seed)
+    np.random.seed(c.seed)
+    random.seed(c.seed)
+    job = _Job(c)
+    model = job.model
+    opt = torch.optim.Adam(model.parameters(), lr=c.outer_lr)
+    meta = MetaOptimizer(model, opt, c.algorithm, job.loss_fn, **_algo_settings(c))
+    algo = meta.algorithm
+    hist = {"iteration": [], "query_loss": [], "accuracy": [], "eval": []}
+    start, elapsed = 0, 0.0
+    if c.resume:
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"train: --resume given but {ckpt_path} does not exist")
+        ck = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ck["model"])
+        meta.load_state_dict(ck["meta"])
+        job.train_tasks.load_state_dict(ck["sampler"])
+        _set_rng_state(ck["rng"])
+        hist, start, elapsed = ck["history"], ck["iteration"], ck["elapsed"]
+
+    def checkpoint(it):
+        _save(ckpt_path, {"config": dataclasses.asdict(c), "iteration": it, "model": model.state_dict(),
+                          "meta": meta.state_dict(), "sampler": job.train_tasks.state_dict(), "rng": _rng_state(),
+                          "history": hist, "elapsed": elapsed})
+
+    bar = None
+    tqdm = None
+    if c.progress:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            log.warning("train: tqdm is not installed; no progress bar (pip install tqdm)")
+    if tqdm is not None:
+        bar = tqdm(total=c.iterations, initial=start, desc=f"{c.task}/{c.algorithm}", dynamic_ncols=True,
+                   mininterval=0.5 if os.isatty(2) else 30.0)
+    it = start
+    stopped_early = False
+    t_last = time.perf_counter()
+    eval_seed, test_seed = c.seed + 1_000_003, c.seed + 2_000_003
+    last_info = {}
+    while it < c.iterations:
+        if c.max_minutes is not None and elapsed >= 60.0 * c.max_minutes:
+            stopped_early = True
+            break
+        batch = job.train_tasks.sample(c.meta_batch)
+        stats = meta.step(batch)
+        it += 1
+        last_info = meta.last_info
+        hist["iteration"].append(it)
+        hist["query_loss"].append(stats["query_loss"])
+        if "accuracy" in stats:
+            hist["accuracy"].append(stats["accuracy"])
+        now = time.perf_counter()
+        elapsed += now - t_last
+        t_last = now
+        if it % c.eval_every == 0 or it == c.iterations:
+            ev = job.evaluate(algo, "val", c.eval_tasks, eval_seed, c.eval_steps)
+            ev.update(iteration=it, elapsed=elapsed)
+            hist["eval"].append(ev)
+            log.info("iteration %d: held-out %s %.4f ± %.4f", it, job.metric, ev["mean"], ev["ci95"])
+            if bar is not None:
+                bar.write(f"[{it}] held-out {job.metric} ({c.eval_steps} step{'s' if c.eval_steps != 1 else ''}): "
+                          f"{ev['mean']:.4f} ± {ev['ci95']:.4f}  train {elapsed / 60:.1f} min")
+            t_last = time.perf_counter()  # evaluation time is not training time
+        if it % c.checkpoint_every == 0:
+            checkpoint(it)
+            t_last = time.perf_counter()
+        if bar is not None:
+            bar.update(1)
+            post = {"loss": f"{stats['query_loss']:.4f}"}
+            if "accuracy" in stats:
+                post["acc"] = f"{stats['accuracy']:.3f}"
+            bar.set_postfix(post, refresh=False)
+    if bar is not None:
+        bar.close()
+    checkpoint(it)
+
+    # final test: held-out tasks (Omniglot test characters), the training and the test step counts
+    t0 = time.perf_counter()
+    final = {}
+    test_split = "test" if c.task == "omniglot" else "val"
+    for steps in sorted({c.inner_steps, c.eval_steps, 10 if c.task == "sinusoid" else c.eval_steps}):
+        final[f"{steps}_steps"] = job.evaluate(algo, test_split, c.test_tasks, test_seed, steps)
+    test_time = time.perf_counter() - t0
+    tag = f"{c.task} / {c.algorithm} / engine {last_info.get('engine', c.engine)}"
+    plots = c.plots
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            log.warning("train: matplotlib is not installed; no plots (pip install matplotlib)")
+            plots = False
+    if plots:
+        _plot_curves(os.path.join(c.out, "curves.png"), hist, job.metric, tag)
+        if c.task == "sinusoid":
+            _plot_fits(os.path.join(c.out, "fits.png"), job, algo, test_seed + 1, tag)
+    summary = {
+        "task": c.task, "algorithm": c.algorithm, "iterations": it, "stopped_by_time_limit": stopped_early,
+        "train_minutes": elapsed / 60.0, "test_seconds": test_time, "metric": job.metric,
+        "test": final, "last_eval": hist["eval"][-1] if hist["eval"] else None,
+        "engine": last_info.get("engine"), "hvp": last_info.get("hvp"),
+        "task_batching": last_info.get("task_batching"), "backend": backend_summary(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "config": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("progress", "plots")},
+    }
+    with open(os.path.join(c.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    with open(os.path.join(c.out, "summary.md"), "w") as f:
+        f.write(format_summary(summary) + "\n")
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"## pymaml train {s['task']} --algorithm {s['algorithm']}", "",
+             f"- iterations: {s['iterations']}{' (stopped by the time limit)' if s['stopped_by_time_limit'] else ''}, "
+             f"training time {s['train_minutes']:.1f} min, final test {s['test_seconds']:.0f} s",
+             f"- engine: {s['engine']}, hvp: {s['hvp']}, task batching: {s['task_batching']}, "
+             f"torch threads: {s['threads']}",
+             f"- kernels/backend: {s['backend']}", "",
+             f"| inner steps at test | {s['metric']} | 95% CI | tasks |", "| --- | --- | --- | --- |"]
+    for k, v in s["test"].items():
+        m = f"{100 * v['mean']:.2f}%" if s["metric"] == "accuracy" else f"{v['mean']:.4f}"
+        ci = f"± {100 * v['ci95']:.2f}%" if s["metric"] == "accuracy" else f"± {v['ci95']:.4f}"
+        lines.append(f"| {v['steps']} | {m} | {ci} | {v['tasks']} |")
+    return "\n".join(lines)
