@@ -7,7 +7,7 @@ Each method produces the same three tensors: H·(V, v_b) for (W, b) and grad_x =
   twin             pymaml.reference_heads.linear_head_hvp (pure torch, no graph)
   compiled         torch.ops.pymaml.linear_head_hvp (C++), and through the public wrapper
 
-Run:  python benchmarks/bench_heads.py [--lib path/to/extension.so] [--threads N (default 1)]
+Run:  python benchmarks/bench_heads.py [--threads N (default 1)]   (after `pip install --no-build-isolation -e .`)
 Prints a markdown table (median of torch.utils.benchmark blocked_autorange) with the speed-up over
 double backward.
 """
@@ -48,16 +48,12 @@ def fwd_over_rev(x, w, b, t, vw, vb, loss):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lib", default=os.environ.get("PYMAML_BENCH_EXTENSION"),
-                    help="a built library holding pymaml::linear_head_hvp, if pymaml._C is not installed")
     # One thread by default: at this size nothing gains from threads, and on a shared, busy CPU an
     # OpenMP/MKL parallel region (torch.exp or softmax of 400 numbers) can cost a scheduler tick
     # (~20 ms measured here at load 10 on 2 cores), which would swamp the comparison.
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--min-run-time", type=float, default=0.5)
     args = ap.parse_args()
-    if args.lib and not heads._op_exists():
-        torch.ops.load_library(args.lib)
     torch.set_num_threads(args.threads)
     compiled = heads.compiled_available(torch.device("cpu"))
 

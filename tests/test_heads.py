@@ -2,9 +2,8 @@
 
 The oracle is plain autograd in float64: the Hessian-vector product is the gradient of
 ⟨∇_{W,b} L, (V, v_b)⟩ with respect to (W, b), and grad_x its gradient with respect to x.
-The compiled backend is tested when ``torch.ops.pymaml.linear_head_hvp`` has a CPU kernel (the built
-extension, or a library named by ``PYMAML_TEST_EXTENSION``, e.g. a torch.utils.cpp_extension.load
-build of csrc/ops.cpp + csrc/cpu/head_hvp.cpp); otherwise those cases are skipped.
+The compiled cases run when the built extension (pymaml._C) is loaded and holds the op's CPU kernel;
+otherwise they are skipped.
 """
 import os
 
@@ -12,24 +11,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pymaml  # noqa: F401 - loads the extension when it is built
+import pymaml  # loads the extension when it is built
 from pymaml import reference_heads
 from pymaml.functional import heads
 
-_LIB = os.environ.get("PYMAML_TEST_EXTENSION")
-if _LIB and not heads._op_exists():
-    torch.ops.load_library(_LIB)
+# The op itself (direct calls, opcheck) whenever pymaml._C holds its CPU kernel; the public wrapper
+# on the compiled path only when the package chose it (not under the suite's PYMAML_BACKEND=torch run).
 HAS_COMPILED = heads._op_exists() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "pymaml::linear_head_hvp", "CPU")
+WRAPPER_COMPILED = heads.compiled_available(torch.device("cpu"))
 if HAS_COMPILED:
     heads.register_python_kernels()
-
-# Under PYMAML_BACKEND=torch (the suite's pure-torch run) the package decides for torch at import, so
-# the wrapper is only tested on that path; the op itself is still tested directly when loaded.
-FORCED_TORCH = os.environ.get("PYMAML_BACKEND", "").lower() == "torch"
 BACKENDS = [pytest.param("compiled", marks=pytest.mark.skipif(
-                not HAS_COMPILED or FORCED_TORCH,
-                reason="extension not built" if not HAS_COMPILED else "PYMAML_BACKEND=torch")),
+                not WRAPPER_COMPILED, reason=f"compiled backend not active: {pymaml.backend_reason()}")),
             "torch"]
 LOSSES = ["cross_entropy", "mse"]
 
@@ -163,9 +157,18 @@ def test_outputs_have_no_history_and_drive_the_body_backward(backend, monkeypatc
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck(loss, bias):
-    for dtype in (torch.float64, torch.float32):
+    for dtype, grad in ((torch.float64, False), (torch.float32, False), (torch.float64, True)):
         args = make(9, 4, 3, loss, bias=bias, dtype=dtype)
+        if grad:  # the op is registered as not differentiated: constants in, no history out
+            args = (args[0].requires_grad_(), args[1].requires_grad_()) + args[2:]
         torch.library.opcheck(torch.ops.pymaml.linear_head_hvp.default, (*args, loss))
+
+
+@pytest.mark.skipif(not HAS_COMPILED, reason="extension not built")
+def test_raw_op_records_no_graph():
+    x, w, b, t, vw, vb = make(9, 4, 3, "cross_entropy")
+    out = torch.ops.pymaml.linear_head_hvp(x.requires_grad_(), w.requires_grad_(), b, t, vw, vb, "cross_entropy")
+    assert all(not o.requires_grad and o.grad_fn is None for o in out)
 
 
 @pytest.mark.skipif(not HAS_COMPILED, reason="extension not built")

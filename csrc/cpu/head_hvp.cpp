@@ -3,6 +3,8 @@
 // (Z_v | Z) into (G | R) in one sweep, rows split across threads with at::parallel_for.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -85,10 +87,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_head_hvp_cpu(
   return linear_head_hvp_impl(x, weight, bias, target, v_weight, v_bias, loss, &row_pass_cpu);
 }
 
+// Autograd key, every device: the op is one Hessian-vector product, not itself differentiated.
+// Without this kernel autograd's fallback would record the GEMMs inside the op (and not the row
+// pass), a silently wrong graph; here the inputs are read as constants and the outputs never
+// require grad, as the pure-torch twin does.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_head_hvp_autograd(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+    const at::Tensor& v_weight, const c10::optional<at::Tensor>& v_bias, c10::string_view loss) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pymaml::linear_head_hvp", "")
+                             .typed<decltype(linear_head_hvp_cpu)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(x, weight, bias, target, v_weight, v_bias, loss);
+}
+
 }  // namespace
 }  // namespace heads
 }  // namespace pymaml
 
 TORCH_LIBRARY_IMPL(pymaml, CPU, m) {
   m.impl("linear_head_hvp", &pymaml::heads::linear_head_hvp_cpu);
+}
+
+TORCH_LIBRARY_IMPL(pymaml, Autograd, m) {
+  m.impl("linear_head_hvp", &pymaml::heads::linear_head_hvp_autograd);
 }

@@ -118,11 +118,8 @@ def linear_head_hvp(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: T
     if compiled_available(x.device):
         if not _python_kernels_registered:
             register_python_kernels()
-        if torch.is_grad_enabled():  # the op is not differentiated: read the inputs as constants
-            with torch.no_grad():
-                hw, hb, gx = torch.ops.pymaml.linear_head_hvp(x, weight, bias, target, v_weight, v_bias, loss)
-        else:
-            hw, hb, gx = torch.ops.pymaml.linear_head_hvp(x, weight, bias, target, v_weight, v_bias, loss)
+        # its Autograd kernel reads the inputs as constants: the outputs never require grad
+        hw, hb, gx = torch.ops.pymaml.linear_head_hvp(x, weight, bias, target, v_weight, v_bias, loss)
     else:
         hw, hb, gx = reference_heads.linear_head_hvp(x, weight, bias, target, v_weight, v_bias, loss)
     return HeadHVP(hw, hb if bias is not None else None, gx)
