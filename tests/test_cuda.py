@@ -10,6 +10,10 @@ reference by one rounding of the output (the opmath result itself can differ in 
 which can flip the final rounding), so they are allowed one ulp of their type: 2e-3 and 1.6e-2
 relative. Sums (lr_grad, norms) are compared with a float64 computation, with a bound scaled by the
 sum of the magnitudes of the terms (the summation order differs from the reference).
+
+PYMAML_CUDA_TESTS_DEVICE=cpu runs the same checks against the CPU kernels: a way to check these
+tests themselves on a machine without a GPU (the graph-capture, sync and device-mixing tests are
+then skipped).
 """
 import math
 import os
@@ -30,22 +34,25 @@ except Exception as e:  # noqa: BLE001 - any failure means "not built here"
     _EXT_ERROR = f"{type(e).__name__}: {e}"
 
 
-def _cuda_kernels_present():
-    if _EXT_ERROR is not None or not torch.cuda.is_available():
+DEV = os.environ.get("PYMAML_CUDA_TESTS_DEVICE", "cuda")
+
+
+def _kernels_present():
+    if _EXT_ERROR is not None or (DEV == "cuda" and not torch.cuda.is_available()):
         return False
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("pymaml::sgd_update", "CUDA")
+        return torch._C._dispatch_has_kernel_for_dispatch_key("pymaml::sgd_update", DEV.upper())
     except RuntimeError:
         return False
 
 
 pytestmark = pytest.mark.skipif(
-    not _cuda_kernels_present(),
+    not _kernels_present(),
     reason=f"needs a GPU and pymaml's CUDA kernels (extension: {_EXT_ERROR or 'loaded'}, "
            f"cuda available: {torch.cuda.is_available()})")
+cuda_only = pytest.mark.skipif(DEV != "cuda", reason="exercises CUDA itself")
 
 OPS = torch.ops.pymaml
-DEV = "cuda"
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # Per-element bound on the summation error, relative to Σ|term| (float accumulation for low types).
@@ -221,6 +228,7 @@ def test_sgd_update_more_tensors_than_one_launch():
     assert_lists_close(got, ref.sgd_update(cpu(params), cpu(grads), cpu(lrs)))
 
 
+@cuda_only
 def test_sgd_update_more_chunks_than_one_launch():
     # 150M elements: more than the 2240 blocks × 65536 of one launch, so a tensor is split across
     # launches (its slot carried over to the next table).
@@ -407,7 +415,7 @@ def test_backward_step_empty_list_shared_lr():
 
 
 @pytest.mark.parametrize("dtype", FLOATS + ["mixed"])
-@pytest.mark.parametrize("scale_on", ["cuda", "cpu"])
+@pytest.mark.parametrize("scale_on", sorted({DEV, "cpu"}))
 def test_fd_helpers(dtype, scale_on):
     p = make_mixed(SHAPES) if dtype == "mixed" else make(SHAPES, dtype)
     u = like(p, 5)
@@ -513,6 +521,7 @@ def test_clip_grad_norm_nan_propagates():
 # No host sync: everything on the device, capturable into a CUDA graph.
 
 
+@cuda_only
 def test_no_sync_debug_mode():
     params = make(CONV_NET, torch.float32)
     grads = like(params, 1)
@@ -538,6 +547,7 @@ def test_no_sync_debug_mode():
     torch.cuda.synchronize()
 
 
+@cuda_only
 def test_cuda_graph_capture():
     params = make(CONV_NET + [(278011,)], torch.float32)
     grads = like(params, 1)
@@ -587,6 +597,7 @@ def test_cuda_graph_capture():
 # Errors: the op and the values are named.
 
 
+@cuda_only
 def test_errors_name_op_and_values():
     p = [torch.randn(3, device=DEV)]
     with pytest.raises((ValueError, RuntimeError), match=r"sgd_update.*cpu"):
