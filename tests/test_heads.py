@@ -243,3 +243,26 @@ def test_vmap_over_tasks_equals_loop(backend, loss, monkeypatch):
         want = double_backward(*task[:4], shared_v, task[5], loss)
         for a, e in zip(got, want):
             assert_rel(a[k], e)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("n,f,c", [(80, 64, 5), (1000, 33, 100), (3, 5, 1)])
+def test_cuda_equals_double_backward_float64(loss, n, f, c, monkeypatch):
+    """Both paths on the GPU: C = 100 spans several lanes per row of the warp-per-row kernel,
+    N = 1000 several blocks."""
+    if loss == "cross_entropy" and c == 1:
+        pytest.skip("one class: the Hessian is exactly zero")
+    args = tuple(None if a is None else a.cuda() for a in make(n, f, c, loss))
+    want = double_backward(*args, loss)
+    backends = ["torch"] + (["compiled"] if heads.compiled_available(torch.device("cuda")) else [])
+    for backend in backends:
+        got = call(backend, *args, loss, monkeypatch=monkeypatch)
+        for a, e in zip(got, want):
+            assert a.device.type == "cuda"
+            assert_rel(a, e)
+    if HAS_COMPILED and torch._C._dispatch_has_kernel_for_dispatch_key("pymaml::linear_head_hvp", "CUDA"):
+        torch.library.opcheck(torch.ops.pymaml.linear_head_hvp.default, (*args, loss))
