@@ -21,6 +21,9 @@
 #   GPU_RUN_BUDGET_S  wall-clock budget for the whole script in seconds (default 560); a stage gets
 #                     min(its own limit, what is left) and is skipped when less than 20 s remain
 #   PYTHON            interpreter (default python3)
+#   KERNELS_ARGS, ENGINE_ARGS, SBS_ARGS   extra arguments for bench_kernels.py, bench_engine.py and
+#                     side_by_side.py (e.g. SBS_ARGS="--quick"); a benchmark without a --device
+#                     option is not run (it would measure the CPU)
 # Offline extras (carry them along; build/ is git-ignored):
 #   build/gpu_wheels/        wheels for pytest (pytest, pluggy, iniconfig), installed with --no-index
 #                            if pytest is missing: pip download --no-deps -d build/gpu_wheels pytest pluggy iniconfig
@@ -159,13 +162,18 @@ ensure_pytest() {
   fi
 }
 
-bench() {  # bench SCRIPT OUTFILE: runs benchmarks/SCRIPT --device cuda if it exists
+bench() {  # bench SCRIPT LIMIT_S OUTFILE EXTRA_ARGS: benchmarks/SCRIPT --device cuda EXTRA_ARGS
   local script=benchmarks/$1
   if [[ ! -f $script ]]; then
     say "== [$1] ABSENT: $script does not exist"
     return 0
   fi
-  stage "$1" "$2" "$OUT/$3" $PY "$script" --device cuda
+  if ! grep -q -- '"--device"' "$script"; then
+    say "== [$1] NOT RUN: $script has no --device option (it would run on the CPU)"
+    return 0
+  fi
+  # shellcheck disable=SC2086
+  stage "$1" "$2" "$OUT/$3" $PY "$script" --device cuda $4
 }
 
 # Stage bodies run under `timeout`, i.e. in a child bash.
@@ -181,18 +189,18 @@ for st in "${STAGES[@]}"; do
     test_cuda)
       ensure_pytest
       stage test_cuda 240 "$OUT/test_cuda.log" $PY -m pytest -v -rs --durations=15 -p no:cacheprovider tests/test_cuda.py ;;
-    kernels) bench bench_kernels.py 180 kernels.md ;;
+    kernels) bench bench_kernels.py 180 kernels.md "${KERNELS_ARGS:-}" ;;
     test_all)
       ensure_pytest
       stage test_all 420 "$OUT/test_all.log" $PY -m pytest -q -rs -m "not slow" --durations=20 -p no:cacheprovider tests ;;
-    engine) bench bench_engine.py 240 engine.md ;;
+    engine) bench bench_engine.py 240 engine.md "${ENGINE_ARGS:-}" ;;
     peers)
       if [[ -d build/gpu_wheels/peers ]]; then
         stage peers 120 - bash benchmarks/install_peers.sh --from build/gpu_wheels/peers
       else
         say "== [peers] no build/gpu_wheels/peers folder: peers not installed (side_by_side reports them missing)"
       fi ;;
-    side_by_side) bench side_by_side.py 420 side_by_side.md ;;
+    side_by_side) bench side_by_side.py 420 side_by_side.md "${SBS_ARGS:-}" ;;
     results)
       if [[ -d benchmarks/results ]]; then
         files=$(find benchmarks/results -type f -newer "$START_MARK" | sort)
