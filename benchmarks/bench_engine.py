@@ -279,7 +279,7 @@ def main():
     ap.add_argument("--conv-engines", nargs="+", default=CONV_ENGINES, help="engines on the conv workload")
     ap.add_argument("--conv-jvp-max-k", type=int, default=10, help="largest K for recompute:jvp on conv (time)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per point (default 1)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed meta-steps per sinusoid point (conv: 1)")
+    ap.add_argument("--repeats", type=int, default=10, help="timed meta-steps per sinusoid point (conv: 1)")
     ap.add_argument("--timeout", type=float, default=420.0, help="seconds per point")
     ap.add_argument("--mem-limit-gib", type=float, default=8.0, help="peak above baseline reported as OOM")
     ap.add_argument("--note", default="/work/notes/readme_engine.md", help="markdown fragment to write ('' for none)")
