@@ -1,0 +1,154 @@
+"""What one side-by-side worker process does: an agreement check or one timing point.
+
+Timing point (one fresh process each, so that CPU memory figures belong to that point alone):
+build the model, tasks and outer Adam optimizer, make the implementation, record the memory just
+before the first meta-step, run ``warmup`` meta-steps then up to ``repeats`` timed ones (stopping
+early once ``budget_s`` seconds of timed steps have run, at least one), and report the median time
+per meta-step and the peak memory above that baseline.
+
+A meta-step is what a training loop does: zero the grads, the implementation's forward passes,
+inner loop and meta-gradient (into ``p.grad``), and the outer ``Adam.step()``.
+
+Memory. CPU: the process's peak resident set (VmHWM of /proc/self/status, reset just before the
+first step by writing 5 to /proc/self/clear_refs) minus the resident set at that moment; where the
+reset is not allowed, a thread samples VmRSS every millisecond instead. GPU:
+``torch.cuda.max_memory_allocated()`` minus ``torch.cuda.memory_allocated()`` at that moment.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Dict, List
+
+import torch
+
+import sbs_impls
+import sbs_workloads
+
+
+# ---- memory -----------------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"side_by_side: no {field} in /proc/self/status")
+
+
+class CpuPeak:
+    """Peak RSS above the RSS at ``start()``, in bytes."""
+
+    def start(self):
+        self.base = _status_kib("VmRSS")
+        self.sampler = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "VmHWM"
+        except OSError:
+            self.method = "sampled VmRSS (1 ms)"
+            self.peak, self._stop = self.base, threading.Event()
+
+            def loop():
+                while not self._stop.is_set():
+                    self.peak = max(self.peak, _status_kib("VmRSS"))
+                    time.sleep(0.001)
+            self.sampler = threading.Thread(target=loop, daemon=True)
+            self.sampler.start()
+
+    def stop(self) -> int:
+        if self.sampler is not None:
+            self._stop.set()
+            self.sampler.join()
+            peak = self.peak
+        else:
+            peak = _status_kib("VmHWM")
+        return max(0, peak - self.base) * 1024
+
+
+class CudaPeak:
+    method = "torch.cuda.max_memory_allocated"
+
+    def start(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+
+    def stop(self) -> int:
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - self.base)
+
+
+# ---- one timing point ---------------------------------------------------------------------------
+def time_point(workload: str, impl: str, order: str, steps=None, device="cpu", warmup=1, repeats=5,
+               budget_s=20.0, small=False) -> Dict:
+    ok, why = sbs_impls.available(impl)
+    if not ok:
+        return {"status": "unavailable", "reason": why}
+    w = sbs_workloads.get(workload, steps)
+    if small:
+        w = w.small()
+    dev = torch.device(device)
+    model = w.model(seed=0).to(dev).train()
+    tasks = w.tasks(seed=1, device=dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    fn = sbs_impls.make(impl, model, w.loss_fn, w.steps, w.lr, order)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def meta_step():
+        opt.zero_grad(set_to_none=True)
+        fn(tasks)
+        opt.step()
+
+    mem = CudaPeak() if cuda else CpuPeak()
+    mem.start()
+    for _ in range(warmup):
+        meta_step()
+    sync()
+    times: List[float] = []
+    while len(times) < max(1, repeats):
+        t0 = time.perf_counter()
+        meta_step()
+        sync()
+        times.append(time.perf_counter() - t0)
+        if sum(times) >= budget_s:
+            break
+    peak = mem.stop()
+    extra = {"backend": sbs_impls.pymaml_backend()} if sbs_impls.is_pymaml(impl) else {}
+    return {"status": "ok", "median_s": statistics.median(times), "times_s": times,
+            "peak_bytes": peak, "memory_method": mem.method, "warmup": warmup, **extra}
+
+
+# ---- agreement check --------------------------------------------------------------------------
+def check_grads(workloads, impls, orders, device="cpu", dtype="float64", small=True) -> Dict:
+    """Meta-gradient (flattened, float64 on the CPU) of every available implementation in this
+    process, for each workload and order: {workload: {order: {impl: Tensor | reason str}}}."""
+    dt = getattr(torch, dtype)
+    dev = torch.device(device)
+    out: Dict = {}
+    for wname in workloads:
+        w = sbs_workloads.get(wname)
+        if small:
+            w = w.small()
+        tasks = w.tasks(seed=1, dtype=dt, device=dev)
+        out[wname] = {}
+        for order in orders:
+            res = out[wname][order] = {}
+            for name in impls:
+                if order not in sbs_impls.IMPLS[name].orders:
+                    continue
+                ok, why = sbs_impls.available(name)
+                if not ok:
+                    res[name] = why
+                    continue
+                model = w.model(seed=0).to(device=dev, dtype=dt).train()
+                try:
+                    fn = sbs_impls.make(name, model, w.loss_fn, w.steps, w.lr, order)
+                    fn(tasks)
+                    res[name] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
+                                           .detach().reshape(-1).double().cpu() for p in model.parameters()])
+                except Exception as e:  # noqa: BLE001 - reported in the agreement table
+                    res[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return out

@@ -1,0 +1,294 @@
+"""Markdown tables and PNG plots of a side-by-side run (the dict side_by_side.py saves as json)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+AGREE_TOL = 1e-8
+MiB = 2 ** 20
+VMAP_BN_NOTE = ("torch.func + vmap on the BatchNorm conv nets: second-order gradients through "
+                "`F.batch_norm` with batch statistics are wrong under `torch.func.vmap` in torch 2.14 "
+                "(DESIGN.md pitfalls); pymaml avoids it (loop, or a primitive-op BatchNorm under vmap).")
+
+
+def _is_pymaml(name: str) -> bool:
+    return name.startswith("pymaml")
+
+
+def _points(results, order, workload=None, sweep=False):
+    src = results["sweep"] if sweep else results["points"]
+    return [p for p in src if p["order"] == order and (workload is None or p["workload"] == workload)]
+
+
+def _cell_time(p) -> str:
+    if p is None:
+        return "–"
+    if p["status"] != "ok":
+        return _status(p)
+    return f"{p['median_s'] * 1e3:,.1f}"
+
+
+def _cell_mem(p) -> str:
+    if p is None:
+        return "–"
+    if p["status"] != "ok":
+        return _status(p)
+    return f"{p['peak_bytes'] / MiB:,.1f}"
+
+
+def _status(p) -> str:
+    r = p.get("reason", "")
+    if p["status"] == "unavailable":
+        return r if r.startswith("not installed") else f"n/a ({r})"
+    return f"{p['status']}" + (f" ({r[:60]})" if r and p["status"] != "timeout" else f" ({r})" if r else "")
+
+
+def _best(points, pymaml: bool, key="median_s") -> Optional[Dict]:
+    ok = [p for p in points if p["status"] == "ok" and _is_pymaml(p["impl"]) == pymaml]
+    return min(ok, key=lambda p: p[key] if key == "median_s" else p["peak_bytes"]) if ok else None
+
+
+# ---- agreement ----------------------------------------------------------------------------------
+def agreement_table(results, impls, orders) -> str:
+    ag = results.get("agreement") or {}
+    if not ag:
+        return "(agreement check not run)\n"
+    wls = list(ag)
+    lines = []
+    for order in orders:
+        refs = {w: ag[w].get(order, {}).get("reference") for w in wls}
+        lines.append(f"\n**{order} order** — ‖g − g_ref‖/‖g_ref‖ over the whole gradient, float64, "
+                     f"reference: {', '.join(sorted(set(str(r) for r in refs.values())))}\n")
+        lines.append("| implementation | " + " | ".join(wls) + " |")
+        lines.append("|---|" + "---|" * len(wls))
+        for n in impls:
+            cells, any_cell = [], False
+            for w in wls:
+                v = ag[w].get(order, {}).get(n)
+                if v is None:
+                    cells.append("–")
+                    continue
+                any_cell = True
+                if isinstance(v, str):
+                    cells.append(v)
+                elif n == refs[w]:
+                    cells.append("(reference)")
+                else:
+                    cells.append(f"{v:.1e}" + ("" if v <= AGREE_TOL else " ✗"))
+            if any_cell:
+                lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines.append(f"\n✗: differs by more than {AGREE_TOL:g}.")
+    return "\n".join(lines) + "\n"
+
+
+def max_disagreement(results) -> List[Tuple[str, str, str, float]]:
+    out = []
+    for w, d in (results.get("agreement") or {}).items():
+        for o, dd in d.items():
+            for n, v in dd.items():
+                if n != "reference" and not isinstance(v, str) and v > AGREE_TOL:
+                    out.append((w, o, n, v))
+    return out
+
+
+# ---- tables ------------------------------------------------------------------------------------
+def _table(results, impls, order, workloads, cell, best_key) -> str:
+    titles = [results["workloads"][w]["title"] for w in workloads]
+    lines = ["| implementation | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(workloads)]
+    by = {(p["workload"], p["impl"]): p for p in _points(results, order)}
+    best = {}
+    for w in workloads:
+        ok = [p for p in _points(results, order, w) if p["status"] == "ok"]
+        if ok:
+            best[w] = min(ok, key=lambda p: p[best_key])["impl"]
+    for n in impls:
+        if not any((w, n) in by for w in workloads):
+            continue
+        cells = []
+        for w in workloads:
+            c = cell(by.get((w, n)))
+            cells.append(f"**{c}**" if best.get(w) == n else c)
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def headline_rows(results, workloads, order="second"):
+    rows = []
+    for w in workloads:
+        pts = _points(results, order, w)
+        pm, other = _best(pts, True), _best(pts, False)
+        pm_mem = _best(pts, True, "peak")
+        other_mem = _best(pts, False, "peak")
+        rows.append(dict(workload=w, title=results["workloads"][w]["title"], pm=pm, other=other,
+                         pm_mem=pm_mem, other_mem=other_mem,
+                         speedup=(other["median_s"] / pm["median_s"]) if pm and other else None,
+                         mem_ratio=(pm_mem["peak_bytes"] / max(other_mem["peak_bytes"], 1))
+                         if pm_mem and other_mem else None))
+    return rows
+
+
+def headline(results, workloads, order="second") -> str:
+    lines = [f"| workload ({order} order) | pymaml best | ms/meta-step | fastest other | ms/meta-step | "
+             "speed-up | pymaml lowest peak MiB | lowest other peak MiB | memory ratio |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in headline_rows(results, workloads, order):
+        pm, ot, pmm, otm = r["pm"], r["other"], r["pm_mem"], r["other_mem"]
+        lines.append("| " + " | ".join([
+            r["title"],
+            pm["impl"] if pm else "–", _cell_time(pm),
+            ot["impl"] if ot else "–", _cell_time(ot),
+            f"{r['speedup']:.2f}×" if r["speedup"] else "–",
+            f"{_cell_mem(pmm)} ({pmm['impl'].split(':', 1)[-1]})" if pmm else "–",
+            f"{_cell_mem(otm)} ({otm['impl']})" if otm else "–",
+            f"{r['mem_ratio']:.3f}" if r["mem_ratio"] is not None else "–"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _sweep_table(results) -> str:
+    sw = results.get("sweep") or []
+    if not sw:
+        return ""
+    w = sw[0]["workload"]
+    ks = sorted({p["steps"] for p in sw})
+    impls = list(dict.fromkeys(p["impl"] for p in sw))
+    by = {(p["impl"], p["steps"]): p for p in sw}
+    out = [f"### Against the number of inner steps: {results['workloads'].get(w, {}).get('title', w)} "
+           f"(second order; K varies)\n",
+           "ms per meta-step / peak MiB above baseline\n",
+           "| implementation | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+    for n in impls:
+        cells = []
+        for k in ks:
+            p = by.get((n, k))
+            cells.append("–" if p is None else (_cell_time(p) if p["status"] != "ok"
+                                                 else f"{_cell_time(p)} / {_cell_mem(p)}"))
+        out.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def markdown(results, impls, orders, workloads) -> str:
+    m = results["machine"]
+    v = m.get("versions", {})
+    s = m.get("settings", {})
+    out = [f"# Side-by-side meta-gradient benchmark ({m['device']})\n",
+           f"- date: {m['date']}; command: `{m.get('command', '')}`",
+           f"- machine: {m['cpu']}, {m['cores']} cores" + (f"; GPU {m['gpu']} (CUDA {m.get('cuda')})" if m.get("gpu") else "")
+           + f"; torch threads per worker {s.get('threads') or m.get('torch_threads_default')}; load average at start {m['load_avg_start']}, "
+             f"at end {m.get('load_avg_end', '?')} (shared machine: other jobs ran alongside)",
+           f"- python {m['python']}, torch {m['torch']}, " + ", ".join(f"{k} {x}" for k, x in v.items())
+           + f"; pymaml backend by default: {m.get('pymaml_backend_default')}",
+           f"- settings: up to {s.get('repeats')} timed meta-steps per point after {s.get('warmup')} warm-up "
+           f"(fewer once {s.get('budget_s')} s of timed steps have run), median reported; per-point "
+           f"timeout {s.get('timeout_s')} s; one fresh process per point; total wall time "
+           f"{m.get('total_wall_s', 0) / 60:.1f} min",
+           "- a meta-step = zero grads + forward passes + inner loop + meta-gradient + outer Adam step; "
+           "memory = peak above the memory just before the first step ("
+           + ("torch.cuda.max_memory_allocated" if m["device"].startswith("cuda") else
+              "peak RSS: VmHWM after /proc/self/clear_refs") + ")",
+           "- image tasks use random synthetic images (timing does not depend on pixel values); "
+           "sinusoid tasks follow Finn et al. 2017",
+           "", "## Workloads\n"]
+    for w in workloads:
+        d = results["workloads"][w]
+        out.append(f"- **{d['title']}** (`{w}`): {d['describe']}. Agreement instance: {d['check_instance']}.")
+    out += ["", "## Headline: pymaml's best against the fastest other implementation\n",
+            headline(results, workloads, "second")]
+    if "first" in orders:
+        out.append(headline(results, workloads, "first"))
+    out += ["## Agreement of the meta-gradients\n", agreement_table(results, impls, orders)]
+    if any(n == "torch.func + vmap" and o == "second" and w in ("omniglot", "miniimagenet", "long-horizon")
+           for w, o, n, _ in max_disagreement(results)):
+        out.append(f"Note: {VMAP_BN_NOTE}\n")
+    for order in orders:
+        out += [f"## {order.capitalize()} order: median ms per meta-step (fastest in bold)\n",
+                _table(results, impls, order, workloads, _cell_time, "median_s"),
+                f"## {order.capitalize()} order: peak memory above baseline, MiB (lowest in bold)\n",
+                _table(results, impls, order, workloads, _cell_mem, "peak_bytes")]
+    out.append(_sweep_table(results))
+    return "\n".join(out)
+
+
+def notes_fragment(results, workloads, out_dir) -> str:
+    m = results["machine"]
+    return "\n".join([
+        f"### Side by side with learn2learn, higher, TorchOpt, a plain loop and torch.func ({m['device']})\n",
+        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, shared; load {m['load_avg_start']}), "
+        f"torch {m['torch']}, " + ", ".join(f"{k} {x}" for k, x in m.get("versions", {}).items()) + ".\n",
+        "```\nbash benchmarks/install_peers.sh   # the peers, without touching torch\n"
+        f"{m.get('command', 'python benchmarks/side_by_side.py')}\n```\n",
+        headline(results, workloads, "second"),
+        headline(results, workloads, "first"),
+        f"Full tables, agreement check and plots: `{_rel(out_dir)}/side_by_side.md`.\n"])
+
+
+def _rel(out_dir) -> str:
+    parts = Path(out_dir).resolve().parts
+    return "/".join(parts[parts.index("benchmarks"):]) if "benchmarks" in parts else str(out_dir)
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+def plots(results, impls, orders, workloads, out_dir) -> List[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    paths = []
+    dev = results["machine"]["device"]
+    for order in orders:
+        names = [n for n in impls if any(p["impl"] == n for p in _points(results, order))]
+        if not names:
+            continue
+        by = {(p["workload"], p["impl"]): p for p in _points(results, order)}
+        fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.9 * len(workloads)), 9))
+        x = np.arange(len(workloads))
+        width = 0.85 / len(names)
+        cmap = plt.get_cmap("tab20")
+        for ax, key, label in [(axes[0], "median_s", "ms per meta-step"),
+                               (axes[1], "peak_bytes", "peak MiB above baseline")]:
+            for j, n in enumerate(names):
+                vals = []
+                for w in workloads:
+                    p = by.get((w, n))
+                    ok = p is not None and p["status"] == "ok"
+                    vals.append((p[key] * (1e3 if key == "median_s" else 1 / MiB)) if ok else np.nan)
+                hatch = None if _is_pymaml(n) else "//"
+                ax.bar(x + (j - len(names) / 2 + 0.5) * width, vals, width, label=n, color=cmap(j % 20),
+                       hatch=hatch, edgecolor="black", linewidth=0.3)
+            ax.set_yscale("log")
+            ax.set_ylabel(label)
+            ax.set_xticks(x)
+            ax.set_xticklabels([results["workloads"][w]["title"] for w in workloads], fontsize=8)
+            ax.grid(axis="y", alpha=0.3, which="both")
+        axes[0].set_title(f"{order} order, {dev} ({results['machine']['date']}); missing bar = not run / failed")
+        axes[0].legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        p = Path(out_dir) / f"side_by_side_{order}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    sw = results.get("sweep") or []
+    if sw:
+        w = sw[0]["workload"]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for n in dict.fromkeys(p["impl"] for p in sw):
+            pts = sorted([p for p in sw if p["impl"] == n and p["status"] == "ok"], key=lambda p: p["steps"])
+            if not pts:
+                continue
+            ks = [p["steps"] for p in pts]
+            style = "-o" if _is_pymaml(n) else "--s"
+            axes[0].plot(ks, [p["median_s"] * 1e3 for p in pts], style, label=n)
+            axes[1].plot(ks, [p["peak_bytes"] / MiB for p in pts], style, label=n)
+        axes[0].set_ylabel("ms per meta-step")
+        axes[1].set_ylabel("peak MiB above baseline")
+        for ax in axes:
+            ax.set_xlabel("inner steps K")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3, which="both")
+        axes[0].set_title(f"{results['workloads'].get(w, {}).get('title', w).split(',')[0]}, second order, {dev}")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        p = Path(out_dir) / "side_by_side_steps.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
