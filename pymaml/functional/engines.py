@@ -187,8 +187,10 @@ def _forward_sweep(unit: Unit, theta0, phi, plan: LrPlan, steps, weights, wd, sc
     end_state = tape.capture()
     w = (weights[-1] if weights is not None else 1.0)
     meta = meta + w * lq
-    v = [(w * scale) * t for t in gq]
-    ph_acc = [a + (w * scale) * t for a, t in zip(ph_acc, gp)]
+    f = w * scale
+    one = isinstance(f, float) and f == 1.0
+    v = gq if one else [f * t for t in gq]
+    ph_acc = [a + (t if one else f * t) for a, t in zip(ph_acc, gp)]
     if s_loss is None:
         s_loss = loss_and_grad(unit, theta, phi, "s")[0]
     return dict(thetas=thetas, states=states, end_state=end_state, gs=gs, qg=qg, v=v, ph=ph_acc,
