@@ -50,6 +50,10 @@ def loss_and_grad(unit, theta: Sequence[Tensor], phi: Sequence[Tensor], which: s
     return loss.detach(), out.detach(), g[:n], (g[n:] if with_phi else None)
 
 
+def _identity(t):
+    return t
+
+
 class StepGraph:
     """The support loss's gradient at θ_i with its graph kept (``create_graph=True``), so that the
     HVP of that step needs no recomputation: :meth:`hvp` is the double-backward product, and frees
@@ -60,7 +64,13 @@ class StepGraph:
         self.th = [t.detach().requires_grad_() for t in theta]
         self.ph = [p.detach().requires_grad_() for p in phi]
         self.nbytes = 0
-        seen = set()
+        if not measure:
+            with torch.enable_grad():
+                self.loss, self.g = self._run(unit)
+            return
+        # The hooks live as long as the graph's saved tensors, so they must not reference this
+        # object (that would be a cycle graph -> hook -> self -> graph, freed only by the gc).
+        seen, total = set(), [0]
 
         def pack(t):
             try:
@@ -70,15 +80,14 @@ class StepGraph:
                 key, size = id(t), t.numel() * t.element_size()
             if key not in seen:
                 seen.add(key)
-                self.nbytes += size
-            return t
+                total[0] += size
+            # Detached: a node's own output saved in it would otherwise form a reference cycle too.
+            # Autograd restores the history of an unpacked tensor from the saved metadata.
+            return t.detach()
 
-        with torch.enable_grad():
-            if measure:
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    self.loss, self.g = self._run(unit)
-            else:
-                self.loss, self.g = self._run(unit)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _identity):
+            self.loss, self.g = self._run(unit)
+        self.nbytes = total[0]
 
     def _run(self, unit):
         loss, _ = unit.loss(self.th, self.ph, "s")
