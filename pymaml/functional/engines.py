@@ -18,7 +18,10 @@ Engines
 
     With weight decay the step is θ − α(g + λθ), so the HVP gains λu and g becomes g + λθ.
     A non-adapted φ collects ∂L_q/∂φ at every weighted θ_i minus Σ_i ∇²_φθ L_s(θ_i)(α_i ⊙ v_{i+1}).
-    Memory is one step's activations plus K × parameters: flat in K.
+    Memory is one step's activations plus K × parameters: flat in K. With double backward, the
+    graphs of the last steps are kept instead of recomputed while they fit ``keep_graphs_mib``
+    (their size is measured on step 0 with saved-tensor hooks): small models then run with no
+    recomputation at all, large ones recompute every step; memory stays bounded either way.
 ``first_order``
     FOMAML: the recursion with H := 0. The meta-gradient is ∇L_q(θ_K) (plus the weighted
     ∇L_q(θ_i) with step weights); ∂L/∂α_i = −g_i ⊙ v_{i+1} to first order.
