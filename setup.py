@@ -4,12 +4,14 @@ torch are present (no GPU needed). Environment switches:
   PYMAML_NO_EXTENSION=1   pure-Python install (pymaml falls back to its pure-torch ops)
   PYMAML_NO_CUDA=1        CPU kernels only, even if CUDA is available
   PYMAML_FORCE_CUDA=1     fail loudly unless the CUDA kernels can be built
+  PYMAML_NO_AVX2=1        x86-64 CPU kernels without AVX2/FMA (CPUs older than 2013)
   TORCH_CUDA_ARCH_LIST    CUDA architectures (default "9.0", i.e. sm_90)
 
 If compiling fails the install still succeeds (pure-torch backend) with a warning, unless forced.
 """
 import glob
 import os
+import platform
 import warnings
 
 from setuptools import find_packages, setup
@@ -31,7 +33,17 @@ def _extensions():
         raise RuntimeError(f"PYMAML_FORCE_CUDA=1 but torch.version.cuda={torch.version.cuda!r}, "
                            f"CUDA_HOME={ce.CUDA_HOME!r}, PYMAML_NO_CUDA={os.environ.get('PYMAML_NO_CUDA')!r}")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-Wno-unknown-pragmas"]  # torch picks the C++ standard it needs (C++20 for torch 2.14)
+    # torch picks the C++ standard it needs (C++20 for torch 2.14). Results stay bitwise equal to
+    # the reference for float32/float64: no FMA contraction.
+    cxx = ["-O3", "-Wno-unknown-pragmas", "-ffp-contract=off"]
+    if platform.machine().lower() in ("x86_64", "amd64") and not _flag("PYMAML_NO_AVX2"):
+        # at::vec::Vectorized with 256-bit AVX2 registers; pymaml._backend checks the CPU has them.
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    link = []
+    if platform.system() == "Linux":
+        # at::parallel_for is a header template: without OpenMP it silently runs serially.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     ext = ce.CppExtension
     kwargs = {}
     if use_cuda:
@@ -46,7 +58,7 @@ def _extensions():
     else:
         extra = {"cxx": cxx}
     module = ext("pymaml._C", sources, include_dirs=[os.path.abspath("csrc/include")],
-                 extra_compile_args=extra, py_limited_api=False, **kwargs)
+                 extra_compile_args=extra, extra_link_args=link, **kwargs)
     return [module], {"build_ext": _build_ext_class(ce.BuildExtension, use_cuda)}
 
 

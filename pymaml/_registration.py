@@ -23,6 +23,14 @@ def _like(ts: Sequence[Tensor]) -> List[Tensor]:
     return [t.new_empty(t.shape) for t in ts]
 
 
+def _one_device(op: str, *lists) -> None:
+    """A kernel sees one device (pymaml.ops groups mixed lists); the fake kernel checks it too, as
+    a list mixing CPU and meta tensors dispatches here."""
+    devs = {t.device for ts in lists for t in ts}
+    torch._check(len(devs) <= 1, lambda: f"{op}: tensors on several devices {sorted(map(str, devs))}; "
+                                         f"call through pymaml.ops, which groups tensors by device")
+
+
 def _shared(lrs: Sequence[Tensor], n: int) -> bool:
     return len(lrs) == 1 and n != 1
 
@@ -30,42 +38,50 @@ def _shared(lrs: Sequence[Tensor], n: int) -> bool:
 # --------------------------------------------------------------------------- fake kernels
 @torch.library.register_fake("pymaml::sgd_update")
 def _(params, grads, lr, weight_decay):
+    _one_device("sgd_update", params, grads)
     return _like(params)
 
 
 @torch.library.register_fake("pymaml::sgd_update_lrs")
 def _(params, grads, lrs, weight_decay):
+    _one_device("sgd_update", params, grads)
     return _like(params)
 
 
 @torch.library.register_fake("pymaml::sgd_update_")
 def _(params, grads, lr, weight_decay):
+    _one_device("sgd_update_", params, grads)
     return None
 
 
 @torch.library.register_fake("pymaml::sgd_update_lrs_")
 def _(params, grads, lrs, weight_decay):
+    _one_device("sgd_update_", params, grads)
     return None
 
 
 @torch.library.register_fake("pymaml::backward_step")
 def _(v, hvp, grads, lrs, next_lrs, next_lr, has_next):
+    _one_device("backward_step", v, hvp, grads)
     lr_grad = _like(lrs)  # shared: one entry shaped like lrs[0]; per parameter: like each entry
     return _like(v), lr_grad, (_like(v) if has_next else [])
 
 
 @torch.library.register_fake("pymaml::fd_perturb")
 def _(params, direction, eps, eps_scale):
+    _one_device("fd_perturb", params, direction)
     return _like(params), _like(params)
 
 
 @torch.library.register_fake("pymaml::fd_quotient")
 def _(grads_plus, grads_minus, eps, eps_scale):
+    _one_device("fd_quotient", grads_plus, grads_minus)
     return _like(grads_plus)
 
 
 def _norm_fake(tensors):
     torch._check(len(tensors) > 0, lambda: "global_norm: tensors is empty")
+    _one_device("global_norm", tensors)
     dt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     return tensors[0].new_empty((), dtype=dt)
 

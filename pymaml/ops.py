@@ -95,6 +95,65 @@ def _one(device: torch.device) -> Tensor:
     return t
 
 
+# ----------------------------------------------------------------------------- fast paths
+# The common call (one device served by the compiled kernels, lists given as lists) goes straight to
+# the kernel, whose C++ checks (csrc/include/pymaml/ops.h) mirror pymaml._checks. Anything else, and
+# any error, takes the full path, which validates in Python (so errors are exactly the reference's)
+# and groups mixed devices.
+class _Slow(Exception):
+    pass
+
+
+_SEQ = (list, tuple)
+if _COMPILED:
+    _K_UPDATE = torch.ops.pymaml.sgd_update.default
+    _K_UPDATE_LRS = torch.ops.pymaml.sgd_update_lrs.default
+    _K_UPDATE_ = torch.ops.pymaml.sgd_update_.default
+    _K_UPDATE_LRS_ = torch.ops.pymaml.sgd_update_lrs_.default
+    _K_STEP = torch.ops.pymaml.backward_step.default
+
+
+def _fast_lr(lr, params):
+    """(float, None) | (None, lrs) for the kernel, or raise _Slow."""
+    if isinstance(lr, float) or (isinstance(lr, int) and not isinstance(lr, bool)):
+        return float(lr), None
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or lr.device != params[0].device:
+            raise _Slow
+        return None, [lr]
+    if isinstance(lr, _SEQ):
+        return None, lr
+    raise _Slow
+
+
+def _fast_update(params, grads, lr, wd, inplace):
+    if type(params) not in _SEQ or type(grads) not in _SEQ or not params:
+        raise _Slow
+    if not _compiled(params[0].device):
+        raise _Slow
+    flr, lrs = _fast_lr(lr, params)
+    wd = float(weight_decay_check(wd))
+    if inplace:
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            raise _Slow
+        with _below_autograd():
+            if lrs is None:
+                _K_UPDATE_(params, grads, flr, wd)
+            else:
+                _K_UPDATE_LRS_(params, grads, lrs, wd)
+        return None
+    grad = _needs_grad(params, grads, lrs)
+    if lrs is None:
+        return _call(_K_UPDATE, grad, params, grads, flr, wd)
+    return _call(_K_UPDATE_LRS, grad, params, grads, lrs, wd)
+
+
+def weight_decay_check(wd):
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)):
+        raise _Slow
+    return wd
+
+
 # ----------------------------------------------------------------------------- fused update
 def _update_group(params, grads, kind, lr, wd, device):
     flr, lrs = _lr_args(kind, lr, device)
@@ -107,6 +166,11 @@ def _update_group(params, grads, kind, lr, wd, device):
 def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
                weight_decay: float = 0.0) -> List[Tensor]:
     """θ'_i = θ_i − α_i ⊙ (g_i + weight_decay · θ_i), a new list; differentiable in θ, g and α."""
+    if _COMPILED:
+        try:
+            return _fast_update(params, grads, lr, weight_decay, False)
+        except Exception:  # noqa: BLE001 - the full path below validates and raises the precise error
+            pass
     op = "sgd_update"
     params = as_list(op, "params", params)
     grads = as_list(op, "grads", grads)
@@ -130,6 +194,11 @@ def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
 def sgd_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
                 weight_decay: float = 0.0) -> None:
     """In-place θ_i ← θ_i − α_i ⊙ (g_i + weight_decay · θ_i). For no-grad use."""
+    if _COMPILED:
+        try:
+            return _fast_update(params, grads, lr, weight_decay, True)
+        except Exception:  # noqa: BLE001 - kernels check everything before writing
+            pass
     op = "sgd_update_"
     params = as_list(op, "params", params)
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
@@ -173,6 +242,11 @@ def backward_step(v: Sequence[Tensor], hvp: Sequence[Tensor], grads: Sequence[Te
                   next_lr: Optional[LrLike] = None
                   ) -> Tuple[List[Tensor], Union[None, Tensor, List[Tensor]], Optional[List[Tensor]]]:
     """One step of the adjoint recursion, in one pass; see ``pymaml.reference.backward_step``."""
+    if _COMPILED:
+        try:
+            return _fast_step(v, hvp, grads, lr, next_lr)
+        except Exception:  # noqa: BLE001 - the full path below validates and raises the precise error
+            pass
     op = "backward_step"
     v = as_list(op, "v", v)
     hvp = as_list(op, "hvp", hvp)
@@ -207,6 +281,26 @@ def backward_step(v: Sequence[Tensor], hvp: Sequence[Tensor], grads: Sequence[Te
     n = len(v)
     lr_grad = None if kind == "float" else (shared_total if kind == "shared" else _scatter(n, lg_parts))
     return _scatter(n, vo_parts), lr_grad, (_scatter(n, u_parts) if nkind is not None else None)
+
+
+def _fast_step(v, hvp, grads, lr, next_lr):
+    if type(v) not in _SEQ or type(hvp) not in _SEQ or type(grads) not in _SEQ or not v:
+        raise _Slow
+    if not _compiled(v[0].device):
+        raise _Slow
+    flr, lrs = _fast_lr(lr, v)
+    if next_lr is None:
+        next_f, next_lrs, has_next = 0.0, [], False
+    else:
+        next_f, next_lrs = _fast_lr(next_lr, v)
+        next_f, next_lrs, has_next = (next_f or 0.0), (next_lrs or []), True
+    grad = _needs_grad(v, hvp, grads, next_lrs)
+    v_out, lr_grad, u_next = _call(_K_STEP, grad, v, hvp, grads, lrs or [], next_lrs, next_f, has_next)
+    if lrs is None:
+        lr_grad = None
+    elif isinstance(lr, Tensor):
+        lr_grad = lr_grad[0]
+    return v_out, lr_grad, (u_next if has_next else None)
 
 
 def _lr_grad_form(kind, lr, lr_grad):
