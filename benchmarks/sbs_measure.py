@@ -2,9 +2,15 @@
 
 Timing point (one fresh process each, so that CPU memory figures belong to that point alone):
 build the model, tasks and outer Adam optimizer, make the implementation, record the memory just
-before the first meta-step, run ``warmup`` meta-steps then up to ``repeats`` timed ones (stopping
-early once ``budget_s`` seconds of timed steps have run, at least one), and report the median time
-per meta-step and the peak memory above that baseline.
+before the first meta-step, run ``warmup`` warm-up meta-steps then up to ``repeats`` timed ones
+(stopping early once ``budget_s`` seconds of timed steps have run, at least one), and report the
+median time per meta-step and the peak memory above that baseline.
+
+Warm-up steps run on a meta-batch of the FIRST TASK ONLY (same shapes per task, same K), which
+exercises every code path (oneDNN primitive caches, lazy initialisation) at 1/T of the cost: a
+full warm-up step of the long-horizon workload takes over a minute on one CPU core. Implementations
+that batch tasks (vmap) see the full task dimension first in the timed steps; with several timed
+steps the median absorbs that.
 
 A meta-step is what a training loop does: zero the grads, the implementation's forward passes,
 inner loop and meta-gradient (into ``p.grad``), and the outer ``Adam.step()``.
@@ -102,11 +108,14 @@ def time_point(workload: str, impl: str, order: str, steps=None, device="cpu", w
         fn(tasks)
         opt.step()
 
+    full = tasks
     mem = CudaPeak() if cuda else CpuPeak()
     mem.start()
+    tasks = tuple(t[:1] for t in full)
     for _ in range(warmup):
         meta_step()
     sync()
+    tasks = full
     times: List[float] = []
     while len(times) < max(1, repeats):
         t0 = time.perf_counter()
