@@ -199,8 +199,8 @@ def _backward_step(ctx, g_vout, g_lrgrad, g_unext):
         dv.append(dv_i.to(vi.dtype))
         dh.append((-dvo).to(hi.dtype))
         dg.append(dg_i if dg_i is not None else torch.zeros_like(gi))
-    dnl = _reduce_to(next_lrs, n, dnext) if next_lrs else None
-    return dv, dh, dg, None, dnl, None, None
+    dnl = _reduce_to(next_lrs, n, dnext) if next_lrs else []
+    return dv, dh, dg, [None] * nl, dnl, None, None
 
 
 torch.library.register_autograd("pymaml::backward_step", _backward_step, setup_context=_setup_step)
