@@ -6,6 +6,10 @@ before the first meta-step, run ``warmup`` warm-up meta-steps then up to ``repea
 (stopping early once ``budget_s`` seconds of timed steps have run, at least one), and report the
 median time per meta-step and the peak memory above that baseline.
 
+On the CPU the process's CPU time per meta-step (user + system, all its threads) is recorded too:
+on a machine shared with other jobs, wall time also counts the time the process waited for a core,
+while CPU time counts only the work it did.
+
 Warm-up steps run on a meta-batch of the FIRST TASK ONLY (same shapes per task, same K), which
 exercises every code path (oneDNN primitive caches, lazy initialisation) at 1/T of the cost: a
 full warm-up step of the long-horizon workload takes over a minute on one CPU core. Implementations
@@ -117,16 +121,19 @@ def time_point(workload: str, impl: str, order: str, steps=None, device="cpu", w
     sync()
     tasks = full
     times: List[float] = []
+    cpu_times: List[float] = []
     while len(times) < max(1, repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         meta_step()
         sync()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         if sum(times) >= budget_s:
             break
     peak = mem.stop()
     extra = {"backend": sbs_impls.pymaml_backend()} if sbs_impls.is_pymaml(impl) else {}
     return {"status": "ok", "median_s": statistics.median(times), "times_s": times,
+            "cpu_median_s": None if cuda else statistics.median(cpu_times), "cpu_times_s": cpu_times,
             "peak_bytes": peak, "memory_method": mem.method, "warmup": warmup, **extra}
 
 

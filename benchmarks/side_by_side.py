@@ -348,7 +348,7 @@ def main(argv=None) -> int:
                     help=f"comma list from {list(sbs_workloads.WORKLOADS)}")
     ap.add_argument("--impls", default="", help="comma list of names or name prefixes (default: all)")
     ap.add_argument("--orders", default="second,first")
-    ap.add_argument("--repeats", type=int, default=5, help="timed meta-steps per point (at most)")
+    ap.add_argument("--repeats", type=int, default=20, help="timed meta-steps per point (at most)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--budget", type=float, default=12.0,
                     help="stop timing a point after this many seconds of timed steps (≥1 step)")
@@ -363,6 +363,9 @@ def main(argv=None) -> int:
                     help="WORKLOAD:IMPL,... points not timed (reported as skipped); default: the "
                          "slowest redundant long-horizon points, to fit ~20 min on 2 CPU cores; "
                          "--skip '' runs everything")
+    ap.add_argument("--rank", choices=("cpu", "wall"), default=None,
+                    help="rank implementations by CPU time or wall time (default: cpu on the CPU, "
+                         "wall on a GPU)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="small instances, 1 warm-up + 1 timed step, no sweep: a smoke run")
@@ -390,6 +393,8 @@ def main(argv=None) -> int:
     dev_name = "cuda" if args.device.startswith("cuda") else args.device
     if args.threads < 0:
         args.threads = 0 if dev_name == "cuda" else 1
+    if args.rank is None:
+        args.rank = "wall" if dev_name == "cuda" else "cpu"
     out_dir = Path(args.out) if args.out else HERE / "results" / (dev_name + ("-quick" if args.quick else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     log_f = open(out_dir / "side_by_side.log", "w")
@@ -406,7 +411,8 @@ def main(argv=None) -> int:
     info = _machine(args.device)
     info["command"] = "python benchmarks/side_by_side.py " + " ".join(sys.argv[1:] if argv is None else argv)
     info["settings"] = dict(repeats=args.repeats, warmup=args.warmup, budget_s=args.budget,
-                            timeout_s=args.timeout, quick=args.quick, threads=args.threads)
+                            timeout_s=args.timeout, quick=args.quick, threads=args.threads,
+                            rank=args.rank, skip=args.skip)
     log(f"# side-by-side on {args.device}: {info['cpu']} / {info.get('gpu', '')}; torch {info['torch']}; "
         f"versions {info['versions']}; load {info['load_avg_start']}")
     results: Dict = {"machine": info, "workloads": {}, "agreement": {}, "points": [], "sweep": []}
@@ -448,7 +454,8 @@ def main(argv=None) -> int:
         res.update(workload=w, order=order, impl=impl,
                    steps=steps if steps is not None else sbs_workloads.get(w).steps)
         if res["status"] == "ok":
-            log(f"  {w:13s} {order:6s} {impl:42s} {res['median_s'] * 1e3:10.1f} ms  "
+            log(f"  {w:13s} {order:6s} {impl:42s} {res['median_s'] * 1e3:10.1f} ms "
+                f"(cpu {(res.get('cpu_median_s') or float('nan')) * 1e3:10.1f}) "
                 f"{res['peak_bytes'] / 2**20:9.1f} MiB  ({len(res['times_s'])} timed, {res['wall_s']:.0f} s)")
         else:
             log(f"  {w:13s} {order:6s} {impl:42s} {res['status']}: {res.get('reason', '')}")
