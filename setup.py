@@ -36,7 +36,8 @@ def _extensions():
     # torch picks the C++ standard it needs (C++20 for torch 2.14). Results stay bitwise equal to
     # the reference for float32/float64: no FMA contraction.
     cxx = ["-O3", "-Wno-unknown-pragmas", "-ffp-contract=off"]
-    if platform.machine().lower() in ("x86_64", "amd64") and not _flag("PYMAML_NO_AVX2"):
+    avx2 = platform.machine().lower() in ("x86_64", "amd64") and not _flag("PYMAML_NO_AVX2")
+    if avx2:
         # at::vec::Vectorized with 256-bit AVX2 registers; pymaml._backend checks the CPU has them.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     link = []
@@ -59,10 +60,10 @@ def _extensions():
         extra = {"cxx": cxx}
     module = ext("pymaml._C", sources, include_dirs=[os.path.abspath("csrc/include")],
                  extra_compile_args=extra, extra_link_args=link, **kwargs)
-    return [module], {"build_ext": _build_ext_class(ce.BuildExtension, use_cuda)}
+    return [module], {"build_ext": _build_ext_class(ce.BuildExtension, use_cuda, avx2)}
 
 
-def _build_ext_class(base, use_cuda):
+def _build_ext_class(base, use_cuda, avx2):
     class BuildExt(base):
         """Records what was built (pymaml/_build_info.py) and turns a failed compile into a warning."""
 
@@ -83,7 +84,7 @@ def _build_ext_class(base, use_cuda):
             text = (f"# Written by setup.py at build time.\n"
                     f"BUILT = {built!r}\nWITH_CUDA = {use_cuda and built!r}\nCUDA_ARCH_LIST = {arch!r}\n"
                     f"TORCH_VERSION = {torch.__version__!r}\nCUDA_VERSION = {torch.version.cuda!r}\n"
-                    f"BUILD_ERROR = {error!r}\n")
+                    f"BUILD_ERROR = {error!r}\nCPU_AVX2 = {avx2!r}\n")
             for root in {os.path.join(self.build_lib, "pymaml"), "pymaml"}:
                 if os.path.isdir(root):
                     with open(os.path.join(root, "_build_info.py"), "w") as f:

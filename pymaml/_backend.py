@@ -64,6 +64,15 @@ def _probe(device: str) -> Optional[str]:
     return None
 
 
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return True  # cannot tell (not Linux): trust the build
+    return not flags or (" avx2" in flags and " fma" in flags)
+
+
 def _init() -> None:
     forced = os.environ.get("PYMAML_BACKEND", "").strip().lower()
     if forced not in ("", "auto", "compiled", "torch"):
@@ -71,6 +80,11 @@ def _init() -> None:
         forced = ""
     if forced == "torch":
         _STATE.update(backend="torch", reason="forced by PYMAML_BACKEND=torch")
+        return
+    if build_info().get("CPU_AVX2") and not _cpu_has_avx2():
+        _STATE.update(backend="torch", reason="pymaml._C was built with AVX2/FMA, which this CPU lacks; "
+                                              "rebuild with PYMAML_NO_AVX2=1")
+        warnings.warn(f"pymaml: using the pure-torch ops (slower): {_STATE['reason']}", RuntimeWarning, stacklevel=3)
         return
     try:
         from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
