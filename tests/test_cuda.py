@@ -195,6 +195,23 @@ def test_sgd_update_every_lr_form(dtype, wd):
             assert g.is_contiguous() and g.data_ptr() != p.data_ptr() or g.numel() == 0, name
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_elementwise_bitwise_equal_to_reference(dtype):
+    # The kernels round every operation separately (no FMA contraction), as the reference does, so
+    # the element-wise ops agree bit for bit with the reference run on the same device.
+    params = make(SHAPES, dtype)
+    grads, lrs = like(params, 1), like(params, 2, positive=True, scale=0.01)
+    for got, want in [
+        (OPS.sgd_update(params, grads, 0.05, 0.01), ref.sgd_update(params, grads, 0.05, 0.01)),
+        (OPS.sgd_update_lrs(params, grads, lrs, 0.0), ref.sgd_update(params, grads, lrs)),
+        (OPS.backward_step(params, grads, grads, [], lrs, 0.0, True)[2],
+         ref.backward_step(params, grads, grads, 0.1, lrs)[2]),
+        (OPS.fd_quotient(params, grads, 1e-3, torch.ones((), device=DEV)), ref.fd_quotient(params, grads, 1e-3)),
+    ]:
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize("kind", ["transpose", "strided", "misaligned"])
 def test_sgd_update_noncontiguous_and_misaligned(kind):
     params = make(SHAPES + CONV_NET, torch.float32)

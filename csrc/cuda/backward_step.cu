@@ -49,13 +49,13 @@ struct BackwardStepFunctor {
       load<kVec>(rv, v, i0, stride, n);
       load<kVec>(rh, h, i0, stride, n);
 #pragma unroll
-      for (int k = 0; k < kILP; ++k) rh[k] = rv[k] - rh[k];  // rh is now v_out
+      for (int k = 0; k < kILP; ++k) rh[k] = sub_rn(rv[k], rh[k]);  // rh is now v_out
       store<kVec>(vo, rh, i0, stride, n);
       if (lr_mode != kNone) {
         O rg[kILP];
         load<kVec>(rg, g, i0, stride, n);
 #pragma unroll
-        for (int k = 0; k < kILP; ++k) rg[k] = -(rg[k] * rv[k]);
+        for (int k = 0; k < kILP; ++k) rg[k] = -mul_rn(rg[k], rv[k]);
         if (lr_mode == kElement) {
           store<kVec>(lg, rg, i0, stride, n);
         } else {
@@ -72,7 +72,7 @@ struct BackwardStepFunctor {
           for (int k = 0; k < kILP; ++k) ra[k] = a_s;
         }
 #pragma unroll
-        for (int k = 0; k < kILP; ++k) ra[k] = ra[k] * rh[k];
+        for (int k = 0; k < kILP; ++k) ra[k] = mul_rn(ra[k], rh[k]);
         store<kVec>(u, ra, i0, stride, n);
       }
     });

@@ -46,9 +46,9 @@ struct PerturbFunctor {
       load<kVec>(ru, u, i0, stride, n);
 #pragma unroll
       for (int k = 0; k < kILP; ++k) {
-        const O s = e * ru[k];
-        ru[k] = rp[k] - s;
-        rp[k] = rp[k] + s;
+        const O s = mul_rn(e, ru[k]);
+        ru[k] = sub_rn(rp[k], s);
+        rp[k] = add_rn(rp[k], s);
       }
       store<kVec>(plus, rp, i0, stride, n);
       store<kVec>(minus, ru, i0, stride, n);
@@ -76,7 +76,7 @@ struct QuotientFunctor {
       load<kVec>(ra, a, i0, stride, n);
       load<kVec>(rb, b, i0, stride, n);
 #pragma unroll
-      for (int k = 0; k < kILP; ++k) ra[k] = (ra[k] - rb[k]) / d;
+      for (int k = 0; k < kILP; ++k) ra[k] = div_rn(sub_rn(ra[k], rb[k]), d);
       store<kVec>(out, ra, i0, stride, n);
     });
   }

@@ -239,6 +239,18 @@ __device__ __forceinline__ void walk_chunk(int64_t n, bool vec, Step&& step) {
   }
 }
 
+// Separately rounded arithmetic. nvcc contracts a * b + c into one FMA by default (and
+// --use_fast_math approximates float division); the reference rounds every operation, so the
+// element-wise results here are bitwise those of pymaml.reference for every dtype.
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+
 // Reads a one-element tensor of dtype `dtype` (one of the four float types) as O.
 template <typename O>
 __device__ __forceinline__ O load_scalar(const void* p, uint8_t dtype) {

@@ -91,10 +91,10 @@ struct ScaleByNormFunctor {
 
   __device__ __forceinline__ O scale() const {
     if (norm_is_double) {
-      const double q = max_norm / (*static_cast<const double*>(norm) + eps);
+      const double q = div_rn(max_norm, add_rn(*static_cast<const double*>(norm), eps));
       return static_cast<O>(q > 1.0 ? 1.0 : q);
     }
-    const float q = static_cast<float>(max_norm) / (*static_cast<const float*>(norm) + static_cast<float>(eps));
+    const float q = div_rn(static_cast<float>(max_norm), add_rn(*static_cast<const float*>(norm), static_cast<float>(eps)));
     return static_cast<O>(q > 1.0f ? 1.0f : q);
   }
 
@@ -108,7 +108,7 @@ struct ScaleByNormFunctor {
       O r[kILP];
       load<kVec>(r, x, i0, stride, n);
 #pragma unroll
-      for (int k = 0; k < kILP; ++k) r[k] = r[k] * s;
+      for (int k = 0; k < kILP; ++k) r[k] = mul_rn(r[k], s);
       store<kVec>(x, r, i0, stride, n);
     });
   }

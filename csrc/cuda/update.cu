@@ -48,8 +48,8 @@ struct SgdFunctor {
       }
 #pragma unroll
       for (int k = 0; k < kILP; ++k) {
-        const O d = has_wd ? rg[k] + wd * rp[k] : rg[k];
-        rp[k] = rp[k] - ra[k] * d;
+        const O d = has_wd ? add_rn(rg[k], mul_rn(wd, rp[k])) : rg[k];
+        rp[k] = sub_rn(rp[k], mul_rn(ra[k], d));
       }
       store<kVec>(out, rp, i0, stride, n);
     });
