@@ -13,7 +13,13 @@ tensors, builds the model and data, records its RSS,
 runs one warm-up meta-step at K=1 and then ``--repeats`` meta-steps at K, while a sampler thread
 reads /proc/self/statm every millisecond; the peak memory is the highest RSS (also checked against
 ``ru_maxrss`` when that rose during the run) minus the RSS just before the first meta-step. Wall time
-is the fastest timed meta-step. A point that exceeds ``--mem-limit-gib`` above baseline is stopped
+is the fastest timed meta-step. Each point runs with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at
+``--mmap-threshold-mib`` (4 MiB): by default glibc raises the threshold dynamically up to 32 MiB, after
+which freed activation buffers stay in the fragmented heap and RSS measures allocator retention
+rather than live tensors (the recompute engine, which frees and re-allocates one step's activations
+per step, then appeared to grow from 590 to 965 MiB between K=1 and K=10 on the conv workload; with
+the fixed threshold the same K=10 point measured 349 MiB). The same setting applies to every engine.
+A point that exceeds ``--mem-limit-gib`` above baseline is stopped
 and reported as OOM; one that runs past ``--timeout`` seconds as "timeout".
 
 Run:  nice python benchmarks/bench_engine.py [--workloads sinusoid conv] [--ks 1 5 10 25 50]
@@ -141,9 +147,12 @@ def run_point(args, workload, engine, k, batching):
     spec = dict(workload=workload, engine=engine, k=k, batching=batching, threads=args.threads,
                 repeats=args.repeats if workload == "sinusoid" else 1, mem_limit_gib=args.mem_limit_gib)
     cmd = ["nice", "-n", "10", sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+    env = dict(os.environ)
+    if args.mmap_threshold_mib > 0:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(int(args.mmap_threshold_mib * 2**20))
     t0 = time.time()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
         return {**spec, "status": "timeout", "wall": time.time() - t0}
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
@@ -282,6 +291,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=10, help="timed meta-steps per sinusoid point (conv: 1)")
     ap.add_argument("--timeout", type=float, default=420.0, help="seconds per point")
     ap.add_argument("--mem-limit-gib", type=float, default=8.0, help="peak above baseline reported as OOM")
+    ap.add_argument("--mmap-threshold-mib", type=float, default=4.0,
+                    help="glibc MALLOC_MMAP_THRESHOLD_ for each point (0: glibc's dynamic default)")
     ap.add_argument("--note", default="/work/notes/readme_engine.md", help="markdown fragment to write ('' for none)")
     args = ap.parse_args()
     if args.child:
@@ -310,7 +321,8 @@ def main():
         extra = (f"{r['time_s']:.3f} s, {r['peak_mib']:.0f} MiB" if r["status"] == "ok" else r.get("error", "")[-300:])
         print(f"[{time.time() - t_start:6.0f} s] {w} {e} K={k} {b}: {r['status']} {extra}", file=sys.stderr, flush=True)
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared), torch "
-               f"{torch.__version__}, {args.threads} intra-op thread(s), float32")
+               f"{torch.__version__}, {args.threads} intra-op thread(s), float32, "
+               f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold_mib:g} MiB")
     try:
         import pymaml
         backend = pymaml.backend() if hasattr(pymaml, "backend") else "reference (pymaml.ops not dispatching yet)"
