@@ -46,11 +46,35 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--cg-steps", type=int, help="iMAML conjugate-gradient iterations")
     t.add_argument("--first-order-iterations", type=int, help="MAML++: first-order for this many iterations")
     t.add_argument("--msl-iterations", type=int, help="MAML++: multi-step loss annealing length")
+    e = sub.add_parser("evaluate", help="final-test evaluation of a checkpoint",
+                       description="Evaluate OUT/checkpoint.pt on held-out tasks (Omniglot: test characters).")
+    e.add_argument("checkpoint")
+    e.add_argument("--tasks", type=int, help="number of test tasks (default: the run's --test-tasks)")
+    e.add_argument("--steps", type=int, help="inner steps (default: the run's --eval-steps)")
+    e.add_argument("--data", help="Omniglot folder, if it moved since training")
+    e.add_argument("--seed", type=int)
     return p
+
+
+def _evaluate(args) -> int:
+    from .training import evaluate_checkpoint
+    try:
+        r = evaluate_checkpoint(args.checkpoint, args.tasks, args.steps, args.data, args.seed)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"pymaml evaluate: error: {e}", file=sys.stderr)
+        return 2
+    pct = r["metric"] == "accuracy"
+    fmt = (lambda v: f"{100 * v:.2f}%") if pct else (lambda v: f"{v:.4f}")
+    print(f"{args.checkpoint}: iteration {r['iteration']} ({r['train_minutes']:.1f} min of training), "
+          f"{r['split']} {r['metric']} after {r['steps']} step(s) on {r['tasks']} tasks: "
+          f"{fmt(r['mean'])} ± {fmt(r['ci95'])} (95% CI)")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "evaluate":
+        return _evaluate(args)
     from .training import TrainConfig, format_summary, train
     extra = {}
     for k in ("lam", "cg_steps", "first_order_iterations", "msl_iterations"):

@@ -36,7 +36,7 @@ from .optim import MetaOptimizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "train", "OmniglotNet", "confidence_interval", "backend_summary"]
+__all__ = ["TrainConfig", "train", "evaluate_checkpoint", "OmniglotNet", "confidence_interval", "backend_summary"]
 
 DEFAULTS = {
     # Finn et al. 2017, section 5.1: K = 10, one step α = 0.01, meta-batch 25, Adam 1e-3, 70k its.
@@ -387,6 +387,31 @@ def train(config: TrainConfig) -> dict:
     with open(os.path.join(c.out, "summary.md"), "w") as f:
         f.write(format_summary(summary) + "\n")
     return summary
+
+
+def evaluate_checkpoint(path: str, tasks: Optional[int] = None, steps: Optional[int] = None,
+                        data: Optional[str] = None, seed: Optional[int] = None) -> dict:
+    """Final-test evaluation of a saved checkpoint (Omniglot: the test characters; sinusoid: fresh
+    tasks), with the same task stream as the end of :func:`train` unless ``seed`` is given."""
+    ck = torch.load(path, weights_only=False)
+    c = TrainConfig(**{k: v for k, v in ck["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    if data is not None:
+        c.data = data
+    c = c.resolved()
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    job = _Job(c)
+    opt = torch.optim.Adam(job.model.parameters(), lr=c.outer_lr)
+    meta = MetaOptimizer(job.model, opt, c.algorithm, job.loss_fn, **_algo_settings(c))
+    job.model.load_state_dict(ck["model"])
+    meta.algorithm.load_state_dict(ck["meta"]["algorithm"])
+    split = "test" if c.task == "omniglot" else "val"
+    t0 = time.perf_counter()
+    res = job.evaluate(meta.algorithm, split, tasks or c.test_tasks, c.seed + 2_000_003 if seed is None else seed,
+                       c.eval_steps if steps is None else steps)
+    res.update(iteration=ck["iteration"], train_minutes=ck["elapsed"] / 60.0, metric=job.metric, split=split,
+               seconds=time.perf_counter() - t0)
+    return res
 
 
 def format_summary(s: dict) -> str:

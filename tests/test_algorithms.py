@@ -269,8 +269,8 @@ def test_every_algorithm_learns_sinusoid(name):
     outer_lr = 1e-2
     if name == "reptile":
         settings = dict(inner_lr=0.02, inner_steps=5)
-    if name == "imaml":
-        settings = dict(inner_lr=0.01, inner_steps=3, lam=0.5, cg_steps=3)
+    if name == "imaml":  # the implicit gradient needs a nearly solved proximal problem
+        settings = dict(inner_lr=0.01, inner_steps=10, lam=0.5, cg_steps=5)
     if name == "anil":
         settings = dict(inner_lr=0.05, inner_steps=1)
     opt = torch.optim.Adam(model.parameters(), lr=outer_lr)
@@ -281,7 +281,7 @@ def test_every_algorithm_learns_sinusoid(name):
         return sum(meta.algorithm.evaluate(held)[0]) / 50
 
     start = held_out()
-    for _ in range(150 if name != "imaml" else 60):
+    for _ in range(150 if name != "imaml" else 100):
         meta.step(train.sample(10))
     end = held_out()
     assert end < 0.7 * start, (name, start, end)

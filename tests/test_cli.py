@@ -53,6 +53,11 @@ def test_cli_sinusoid_writes_summary_plots_and_learns(tmp_path, capsys):
     start, end = sum(q[:20]) / 20, sum(q[-50:]) / 50
     assert end < 0.6 * start, (start, end)  # learning: well below where it started
     assert losses["mean"] < 2.5
+    rc = cli.main(["evaluate", str(out / "checkpoint.pt"), "--tasks", "50", "--steps", "1"])
+    assert rc == 0
+    line = capsys.readouterr().out
+    assert "iteration 400" in line and "mse after 1 step(s) on 50 tasks" in line
+    assert f"{s['test']['1_steps']['mean']:.4f}" in line  # same task stream as the run's final test
 
 
 def test_cli_rejects_bad_input(tmp_path, capsys):

@@ -24,16 +24,24 @@ def _dot(a: List[Tensor], b: List[Tensor]) -> Tensor:
 
 
 def conjugate_gradient(A, b: List[Tensor], steps: int, tol: float = 1e-12) -> List[Tensor]:
-    """x ≈ A⁻¹ b for a symmetric positive definite operator A on lists of tensors."""
+    """x ≈ A⁻¹ b for a symmetric operator A on lists of tensors, by conjugate gradient.
+
+    Truncated where A shows non-positive curvature along the search direction (I + H/λ is
+    indefinite when the support loss is non-convex and λ is small): the iterate so far is returned,
+    or b itself (the first-order answer) if that happens at the first iteration.
+    """
     x = [torch.zeros_like(t) for t in b]
     r = [t.clone() for t in b]
     p = [t.clone() for t in b]
     rs = _dot(r, r)
-    for _ in range(steps):
+    for k in range(steps):
         if float(rs) <= tol:
             break
         Ap = A(p)
-        alpha = rs / _dot(p, Ap)
+        curv = _dot(p, Ap)
+        if not float(curv) > 0:
+            return [t.clone() for t in b] if k == 0 else x
+        alpha = rs / curv
         x = [xi + alpha * pi for xi, pi in zip(x, p)]
         r = [ri - alpha * api for ri, api in zip(r, Ap)]
         rs_new = _dot(r, r)
