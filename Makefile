@@ -4,6 +4,8 @@
 #               compiled kernels, then the pure-torch fallback forced with PYMAML_BACKEND=torch
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+# torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there (as on our machines) misleads it.
+export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 PYTEST_ARGS ?= -q -m "not slow"
 
 .PHONY: install install-test demo test test-compiled test-torch bench info
