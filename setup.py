@@ -24,6 +24,10 @@ def _flag(name):
 def _extensions():
     if _flag("PYMAML_NO_EXTENSION"):
         return [], {}
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        # torch guesses CUDA_HOME from `which nvcc`; a wrapper script in /usr/local/bin makes that
+        # /usr/local, where libcudart is not, and linking fails.
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     import torch
     from packaging.version import Version
     from torch.utils import cpp_extension as ce
