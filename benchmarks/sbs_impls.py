@@ -44,6 +44,8 @@ class Impl:
 IMPLS: Dict[str, Impl] = {i.name: i for i in [
     Impl("pymaml:recompute/double_backward", ("second",), "pymaml", "compiled", "recompute", "double_backward"),
     Impl("pymaml:recompute/jvp", ("second",), "pymaml", "compiled", "recompute", "jvp"),
+    Impl("pymaml:recompute/finite_difference", ("second",), "pymaml", "compiled", "recompute", "finite_difference",
+         note="approximate second order: central differences of two plain gradients per HVP"),
     Impl("pymaml:unrolled", ("second",), "pymaml", "compiled", "unrolled"),
     Impl("pymaml:first_order", ("first",), "pymaml", "compiled", "first_order"),
     Impl("pymaml[torch]:recompute/double_backward", ("second",), "pymaml", "torch", "recompute", "double_backward"),

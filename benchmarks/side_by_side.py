@@ -339,6 +339,52 @@ def _reference(dd: Dict, order: str) -> Optional[str]:
     return None
 
 
+def _merge(paths) -> Dict:
+    res: Dict = {}
+    for path in paths:
+        r = json.loads(Path(path).read_text())
+        if not res:
+            res = r
+            continue
+        for key in ("points", "sweep"):  # a later file's point wins, unless it was only skipped
+            k = lambda p: (p["workload"], p["order"], p["impl"], p["steps"])  # noqa: E731
+            have = {k(p) for p in res[key]}
+            add = [p for p in r[key] if not (p["status"] == "skipped" and k(p) in have)]
+            new = {k(p) for p in add}
+            res[key] = [p for p in res[key] if k(p) not in new] + add
+        for w, d in r.get("agreement", {}).items():
+            for o, dd in d.items():
+                tgt = res.setdefault("agreement", {}).setdefault(w, {}).setdefault(o, {})
+                ref = tgt.get("reference")
+                if ref is not None and dd.get("reference") not in (None, ref):
+                    raise SystemExit(f"side_by_side --render: {path}: agreement reference {dd.get('reference')} "
+                                     f"differs from {ref} for {w}/{o}")
+                tgt.update(dd)
+        res["workloads"].update(r["workloads"])
+        res["machine"].setdefault("merged_from", []).append(r["machine"].get("command", str(path)))
+    return res
+
+
+def _render(args) -> int:
+    import sbs_impls
+    import sbs_report
+    results = _merge(args.render)
+    out_dir = Path(args.out) if args.out else Path(args.render[0]).resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seen = {p["impl"] for p in results["points"]} | {p["impl"] for p in results["sweep"]}
+    impls = [n for n in sbs_impls.IMPLS if n in seen]
+    orders = [o for o in ORDERS if any(p["order"] == o for p in results["points"])]
+    workloads = list(dict.fromkeys(p["workload"] for p in results["points"]))
+    (out_dir / "side_by_side.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "side_by_side.md").write_text(sbs_report.markdown(results, impls, orders, workloads))
+    for p in sbs_report.plots(results, impls, orders, workloads, out_dir):
+        print(f"plot: {p}")
+    if args.notes:
+        Path(args.notes).write_text(sbs_report.notes_fragment(results, workloads, out_dir))
+    print(sbs_report.headline(results, workloads))
+    return 0
+
+
 def main(argv=None) -> int:
     import sbs_workloads
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -375,6 +421,9 @@ def main(argv=None) -> int:
                          "2-thread runs 10-100x slower and erratic; 0 on GPU)")
     ap.add_argument("--out", default="")
     ap.add_argument("--notes", default="", help="also write the headline fragment (markdown) here")
+    ap.add_argument("--render", nargs="+", metavar="JSON",
+                    help="no measuring: merge these side_by_side.json files (later ones win for the "
+                         "same point) and write the tables, plots and notes to --out")
     ap.add_argument("--serve", nargs=2, metavar=("DEVICE", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
@@ -383,6 +432,8 @@ def main(argv=None) -> int:
 
     import sbs_impls
     import sbs_report
+    if args.render:
+        return _render(args)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for w in workloads:
         sbs_workloads.get(w)
