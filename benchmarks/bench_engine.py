@@ -170,7 +170,7 @@ def cell(r, what):
         return "timeout"
     if r["status"] != "ok":
         return "error"
-    return f"{r['time_s'] * 1000:.0f}" if what == "time" and r["time_s"] < 10 else (
+    return f"{r['time_s'] * 1000:.0f}" if what == "time" and r["time_s"] < 1 else (
         f"{r['time_s']:.1f} s" if what == "time" else f"{r['peak_mib']:.0f}")
 
 
