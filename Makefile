@@ -11,7 +11,8 @@ PYTEST_ARGS ?= -q -m "not slow"
 .PHONY: deps install install-test demo test test-compiled test-torch bench info
 
 # Set DEMO_ARGS= for the paper's full 70 000-iteration run; the default stops after 5 minutes.
-DEMO_ARGS ?= --max-minutes 5 --out runs/sinusoid
+# One torch thread: the sinusoid MLP is too small to gain from more, and loses on a busy machine.
+DEMO_ARGS ?= --max-minutes 5 --threads 1 --out runs/sinusoid
 
 # torch and the build tools first: the extension builds against the installed torch (no isolation).
 deps:
