@@ -23,11 +23,12 @@ __all__ = list(reference.__all__)
 
 _COMPILED = _backend.backend() == "compiled"
 _below_autograd = torch._C._AutoDispatchBelowAutograd
+_grad_enabled = torch.is_grad_enabled
 _ONES: Dict[torch.device, Tensor] = {}
 
 
 def _needs_grad(*groups) -> bool:
-    if not torch.is_grad_enabled():
+    if not _grad_enabled():
         return False
     for g in groups:
         if isinstance(g, Tensor):
@@ -105,6 +106,8 @@ class _Slow(Exception):
 
 
 _SEQ = (list, tuple)
+# The CPU kernels' availability is fixed at import (CUDA is probed on first use): one flag read.
+_CPU_OK = _COMPILED and _backend.compiled_for("cpu")
 if _COMPILED:
     _K_UPDATE = torch.ops.pymaml.sgd_update.default
     _K_UPDATE_LRS = torch.ops.pymaml.sgd_update_lrs.default
@@ -129,10 +132,14 @@ def _fast_lr(lr, params):
 def _fast_update(params, grads, lr, wd, inplace):
     if type(params) not in _SEQ or type(grads) not in _SEQ or not params:
         raise _Slow
-    if not _compiled(params[0].device):
+    if not (_CPU_OK and params[0].is_cpu) and not _compiled(params[0].device):
         raise _Slow
-    flr, lrs = _fast_lr(lr, params)
-    wd = float(weight_decay_check(wd))
+    if type(lr) is float:
+        flr, lrs = lr, None
+    else:
+        flr, lrs = _fast_lr(lr, params)
+    if type(wd) is not float:
+        wd = float(weight_decay_check(wd))
     if inplace:
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             raise _Slow
@@ -286,7 +293,7 @@ def backward_step(v: Sequence[Tensor], hvp: Sequence[Tensor], grads: Sequence[Te
 def _fast_step(v, hvp, grads, lr, next_lr):
     if type(v) not in _SEQ or type(hvp) not in _SEQ or type(grads) not in _SEQ or not v:
         raise _Slow
-    if not _compiled(v[0].device):
+    if not (_CPU_OK and v[0].is_cpu) and not _compiled(v[0].device):
         raise _Slow
     flr, lrs = _fast_lr(lr, v)
     if next_lr is None:

@@ -100,6 +100,17 @@ def test_fd_and_norm_match_reference(backend, device, dtype, gen):
     close(a, b, **tol(dtype))
 
 
+def test_clip_grad_norm_propagates_nan_and_inf(backend, device):
+    # clamp(max=1) keeps a NaN scale: a NaN norm must reach every tensor, as in the reference.
+    for bad in (float("nan"), float("inf")):
+        a = [torch.tensor([1.0, bad], device=device), torch.tensor([3.0, 4.0], device=device)]
+        b = [t.clone() for t in a]
+        n_got, n_want = backend.clip_grad_norm_(a, 1.0), R.clip_grad_norm_(b, 1.0)
+        torch.testing.assert_close(n_got, n_want, equal_nan=True)
+        torch.testing.assert_close(a, b, equal_nan=True)
+        assert torch.isnan(a[1]).all() == torch.isnan(b[1]).all()
+
+
 # --------------------------------------------------------------------------- against plain autograd
 def test_update_and_step_vs_autograd_float64(backend, device, gen):
     """θ' = θ − α ⊙ (g + wd θ) and one adjoint step, differentiated by plain autograd: 1e-10 rel."""

@@ -121,14 +121,14 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     it.v = vc.const_data_ptr();
     it.h = hc.const_data_ptr();
     it.g = gc.const_data_ptr();
-    v_out.push_back(new_like(v[i]));
+    v_out.push_back(new_cpu_like(v[i]));
     it.v_out = v_out.back().mutable_data_ptr();
     it.u_next = nullptr;
     it.next_lr = nullptr;
     it.next_dtype = it.dtype;
     it.next_alpha = 0;
     if (has_next) {
-      u_next.push_back(new_like(v[i]));
+      u_next.push_back(new_cpu_like(v[i]));
       it.u_next = u_next.back().mutable_data_ptr();
       at::Tensor na = next_alpha(nkind, next_lrs, i, next_lr, next_shared, it.dtype, &it.next_alpha);
       if (na.defined()) {
@@ -144,14 +144,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
       const at::Tensor& a = lrs[i];
       const auto want = a.scalar_type();
       const bool direct = want == it.dtype || want == opmath_dtype(it.dtype);
-      at::Tensor lg = at::empty(a.sizes(), a.options().dtype(direct ? want : opmath_dtype(it.dtype))
-                                               .memory_format(at::MemoryFormat::Contiguous));
+      at::Tensor lg = new_cpu(a.sizes(), direct ? want : opmath_dtype(it.dtype));
       it.lr_grad = lg.mutable_data_ptr();
       it.grad_dtype = lg.scalar_type();
       if (!direct) grad_casts.emplace_back(i, lg);
       lr_grad.push_back(std::move(lg));
     } else if (kind == LrKind::kPerParam) {
-      lr_grad.push_back(at::empty(lrs[i].sizes(), lrs[i].options().memory_format(at::MemoryFormat::Contiguous)));
+      lr_grad.push_back(new_cpu(lrs[i].sizes(), lrs[i].scalar_type()));
     }
     keep.push_back(std::move(vc));
     keep.push_back(std::move(hc));
@@ -173,7 +172,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   if (kind == LrKind::kShared) {
     double total = 0;
     for (double x : partial) total += x;
-    lr_grad.push_back(at::empty(lrs[0].sizes(), lrs[0].options().memory_format(at::MemoryFormat::Contiguous)));
+    lr_grad.push_back(new_cpu(lrs[0].sizes(), lrs[0].scalar_type()));
     write_scalar(lr_grad.back(), total);
   } else if (kind == LrKind::kPerParam) {
     const std::vector<double> sums = sum_by_tensor(plan, partial, n);

@@ -111,10 +111,13 @@ at::Tensor clip_grad_norm_(at::TensorList tensors, double max_norm, double eps) 
   at::Tensor norm = norm_tensor(p, tensors[0].device(), std::sqrt(sum_squares(p)));
   // The scale is computed from the norm as returned (rounded to its dtype), like the reference.
   const double nv = read_scalar(norm);
-  const double scale = p.any_double ? std::min(1.0, max_norm / (nv + eps))
-                                    : static_cast<double>(std::min(1.0f, static_cast<float>(max_norm) /
-                                                                             (static_cast<float>(nv) + static_cast<float>(eps))));
-  if (scale < 1.0) {
+  // min(1, q) that keeps a NaN q (as clamp(max=1) does in the reference and the CUDA kernel): a NaN
+  // norm propagates to every tensor instead of silently leaving them unclipped.
+  const double q = p.any_double ? max_norm / (nv + eps)
+                                : static_cast<double>(static_cast<float>(max_norm) /
+                                                      (static_cast<float>(nv) + static_cast<float>(eps)));
+  const double scale = q > 1.0 ? 1.0 : q;
+  if (!(scale >= 1.0)) {
     FlatPlan plan(p.numels);
     plan.run([&](const Segment& s, int64_t) {
       const at::Tensor& t = p.contig[s.tensor];

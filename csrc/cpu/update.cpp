@@ -87,7 +87,7 @@ void run_update(const char* op, at::TensorList params, at::TensorList grads, con
       out = pc;
       if (!p.is_contiguous()) writeback.emplace_back(i, pc);
     } else {
-      out = new_like(p);
+      out = new_cpu_like(p);
     }
     it.p = pc.const_data_ptr();
     it.g = gc.const_data_ptr();
