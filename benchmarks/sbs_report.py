@@ -258,10 +258,28 @@ def notes_fragment(results, workloads, out_dir) -> str:
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, shared; load {m['load_avg_start']}), "
         f"torch {m['torch']}, " + ", ".join(f"{k} {x}" for k, x in m.get("versions", {}).items()) + ".\n",
         "```\nbash benchmarks/install_peers.sh   # the peers, without touching torch\n"
-        f"{m.get('command', 'python benchmarks/side_by_side.py')}\n```\n",
+        + "\n".join(_clean(c) for c in [m.get("command", "python benchmarks/side_by_side.py")]
+                    + m.get("merged_from", [])) + "\n```\n"
+        + ("(the later commands add points; their results were merged with `--render`)\n"
+           if m.get("merged_from") else ""),
         headline(results, workloads, "second"),
         headline(results, workloads, "first"),
         f"Full tables, agreement check and plots: `{_rel(out_dir)}/side_by_side.md`.\n"])
+
+
+def _clean(cmd: str) -> str:
+    """The command without the --notes/--out arguments (where a run wrote its files)."""
+    import shlex
+    toks, out, skip = shlex.split(cmd.replace("--sweep  ", "--sweep '' ")), [], False
+    for t in toks:
+        if skip:
+            skip = False
+            continue
+        if t in ("--notes", "--out"):
+            skip = True
+            continue
+        out.append(t)
+    return shlex.join(out)
 
 
 def _rel(out_dir) -> str:
@@ -277,6 +295,8 @@ def plots(results, impls, orders, workloads, out_dir) -> List[Path]:
     import numpy as np
     paths = []
     dev = results["machine"]["device"]
+    cpu_rank = set_rank(results) == "cpu"
+    tlabel = "CPU ms per meta-step (1 thread)" if cpu_rank else "ms per meta-step"
     for order in orders:
         names = [n for n in impls if any(p["impl"] == n for p in _points(results, order))]
         if not names:
@@ -286,14 +306,14 @@ def plots(results, impls, orders, workloads, out_dir) -> List[Path]:
         x = np.arange(len(workloads))
         width = 0.85 / len(names)
         cmap = plt.get_cmap("tab20")
-        for ax, key, label in [(axes[0], "median_s", "ms per meta-step"),
+        for ax, key, label in [(axes[0], "median_s", tlabel),
                                (axes[1], "peak_bytes", "peak MiB above baseline")]:
             for j, n in enumerate(names):
                 vals = []
                 for w in workloads:
                     p = by.get((w, n))
                     ok = p is not None and p["status"] == "ok"
-                    vals.append((p[key] * (1e3 if key == "median_s" else 1 / MiB)) if ok else np.nan)
+                    vals.append(((_t(p) * 1e3) if key == "median_s" else p[key] / MiB) if ok else np.nan)
                 hatch = None if _is_pymaml(n) else "//"
                 ax.bar(x + (j - len(names) / 2 + 0.5) * width, vals, width, label=n, color=cmap(j % 20),
                        hatch=hatch, edgecolor="black", linewidth=0.3)
@@ -319,9 +339,9 @@ def plots(results, impls, orders, workloads, out_dir) -> List[Path]:
                 continue
             ks = [p["steps"] for p in pts]
             style = "-o" if _is_pymaml(n) else "--s"
-            axes[0].plot(ks, [p["median_s"] * 1e3 for p in pts], style, label=n)
+            axes[0].plot(ks, [_t(p) * 1e3 for p in pts], style, label=n)
             axes[1].plot(ks, [p["peak_bytes"] / MiB for p in pts], style, label=n)
-        axes[0].set_ylabel("ms per meta-step")
+        axes[0].set_ylabel(tlabel)
         axes[1].set_ylabel("peak MiB above baseline")
         for ax in axes:
             ax.set_xlabel("inner steps K")

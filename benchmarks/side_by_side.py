@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -460,7 +461,7 @@ def main(argv=None) -> int:
     (out_dir / "workers.log").write_text("")
     t_start = time.perf_counter()
     info = _machine(args.device)
-    info["command"] = "python benchmarks/side_by_side.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    info["command"] = "python benchmarks/side_by_side.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     info["settings"] = dict(repeats=args.repeats, warmup=args.warmup, budget_s=args.budget,
                             timeout_s=args.timeout, quick=args.quick, threads=args.threads,
                             rank=args.rank, skip=args.skip)

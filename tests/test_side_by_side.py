@@ -55,7 +55,8 @@ def test_every_installed_impl_agrees_with_pymaml(kind, order):
             # (DESIGN.md pitfalls); the harness reports it. It must still be close, not garbage.
             assert rel < 5e-2, (n, rel)
             continue
-        assert rel < 1e-10, (kind, order, n, rel)
+        tol = 1e-6 if "finite_difference" in n else 1e-10  # central differences: approximate
+        assert rel < tol, (kind, order, n, rel)
 
 
 def test_first_order_differs_from_second_order():
@@ -100,3 +101,10 @@ def test_harness_end_to_end(tmp_path):
     md = (out / "side_by_side.md").read_text()
     assert "Headline" in md and "plain loop (create_graph)" in md and "torch" in md
     assert (tmp_path / "frag.md").read_text().count("|") > 10
+    # --render re-draws the tables from saved results, merging files (a later point wins)
+    out2 = tmp_path / "rendered"
+    assert side_by_side.main(["--render", str(out / "side_by_side.json"), str(out / "side_by_side.json"),
+                              "--out", str(out2)]) == 0
+    merged = json.loads((out2 / "side_by_side.json").read_text())
+    assert len(merged["points"]) == len(res["points"])
+    assert "Headline" in (out2 / "side_by_side.md").read_text()
