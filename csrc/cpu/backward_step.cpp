@@ -54,7 +54,16 @@ double step_segment(const StepItem& it, int64_t lo, int64_t hi) {
     opm* U = u ? stage_out<opm>(u + b, bu) : nullptr;
     const opm* NA = na ? stage_in<opm>(na + b, bn, m) : nullptr;
     opm* LG = lg ? stage_out<opm>(lg + b, bl) : nullptr;
-    vec_loop<opm>(m, [&](int64_t i, int64_t c) {
+    if (LG && U && NA && !it.reduce) {
+      // Per-element α and α_next (Meta-SGD), the common case: one branch-free loop.
+      vec_loop<opm>(m, [&](int64_t i, int64_t c) {
+        const V x = V::loadu(Vv + i, c);
+        const V y = x - V::loadu(H + i, c);
+        y.store(VO + i, c);
+        (V(opm(0)) - V::loadu(G + i, c) * x).store(LG + i, c);
+        (V::loadu(NA + i, c) * y).store(U + i, c);
+      });
+    } else vec_loop<opm>(m, [&](int64_t i, int64_t c) {
       const V x = V::loadu(Vv + i, c);
       const V y = x - V::loadu(H + i, c);
       y.store(VO + i, c);
