@@ -22,13 +22,7 @@ from pymaml.wrapper import MAML as L2LMAML
 OPS = ["sgd_update", "sgd_update_", "backward_step", "fd_perturb", "fd_quotient", "global_norm", "clip_grad_norm_"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread is fastest and keeps the shared 2-core machine usable."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=["active", "torch"])

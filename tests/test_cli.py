@@ -13,13 +13,7 @@ from pymaml.training import TrainConfig, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread is fastest and keeps the shared 2-core machine usable."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "omniglot"))
 
 
