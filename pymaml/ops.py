@@ -399,15 +399,14 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
         if not _compiled(tensors[0].device):
             return reference.global_norm(tensors)
         return _call(torch.ops.pymaml.global_norm.default, _needs_grad(tensors), tensors)
-    dev0 = tensors[0].device
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    sq = torch.zeros((), device=dev0, dtype=acc)
+    # One norm per device, combined as the norm of the norms: the reference does exactly that
+    # combination (accumulation dtype, result on the first group's device = tensors[0].device).
+    norms = []
     for dev, idx in groups:
         sub = _pick(tensors, idx)
-        n = (_call(torch.ops.pymaml.global_norm.default, _needs_grad(sub), sub) if _compiled(dev)
-             else reference.global_norm(sub))
-        sq = sq + n.to(device=dev0, dtype=acc).square()
-    return sq.sqrt()
+        norms.append(_call(torch.ops.pymaml.global_norm.default, _needs_grad(sub), sub)
+                     if _compiled(dev) else reference.global_norm(sub))
+    return reference.global_norm(norms)
 
 
 def clip_grad_norm_(tensors: Sequence[Tensor], max_norm: float, eps: float = 1e-6) -> Tensor:
