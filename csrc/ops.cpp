@@ -37,6 +37,18 @@ TORCH_LIBRARY(pymaml, m) {
   // Scales in place by min(1, max_norm / (norm + eps)) with no host sync; returns the norm.
   m.def("clip_grad_norm_(Tensor(a!)[] tensors, float max_norm, float eps) -> Tensor");
 
+  // Batch-statistics BatchNorm whose derivatives of every order are pymaml ops, so the double
+  // backward of a second-order meta-gradient is one fused pass (contract: csrc/include/pymaml/batch_norm.h).
+  // x is [N, C, *]; weight/bias [C] or None (then 1 and 0); mean and invstd are the per-channel batch
+  // statistics the forward saved (float32 for half/bfloat16 x), read as values, never differentiated.
+  m.def("batch_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor mean, Tensor invstd)");
+  m.def(
+      "batch_norm_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, float eps) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "batch_norm_double_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, float eps, "
+      "Tensor? gg_x, Tensor? gg_weight, Tensor? gg_bias) -> (Tensor grad_grad_y, Tensor grad_x, Tensor grad_weight)");
+
   // Closed-form Hessian-vector product of a linear head z = x Wᵀ + b under loss "cross_entropy"
   // (target: int64 class indices [N]) or "mse" (target [N, C]), both means, along (v_weight, v_bias),
   // plus grad_x = ∂/∂x ⟨∇_{W,b} L, (v_weight, v_bias)⟩. hvp_bias is returned even when bias is None.
