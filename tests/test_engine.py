@@ -277,6 +277,55 @@ def test_vmap_equals_loop(setup, engine, hvp, keep):
         assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)
 
 
+class _NotAChain(nn.Module):
+    """A custom forward: the batched unit must keep using vmap for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(1, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inp(x)) * 2)
+
+
+def _batched_case(kind):
+    torch.manual_seed(0)
+    reg = [Task((torch.randn(8, 1) * 3, torch.randn(8, 1)), (torch.randn(6, 1) * 3, torch.randn(6, 1)))
+           for _ in range(3)]
+    if kind == "sequential_ce":
+        model = nn.Sequential(nn.Linear(2, 8), nn.GELU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+        tasks = [Task((torch.randn(6, 2), torch.randint(0, 3, (6,))), (torch.randn(5, 2), torch.randint(0, 3, (5,))))
+                 for _ in range(3)]
+        return model, tasks, F.cross_entropy, None, True
+    if kind == "custom_loss":
+        return MLP((1, 8, 8, 1)), reg, lambda o, y: ((o - y) ** 4).mean(), None, True
+    if kind == "head_only":
+        return MLP((1, 8, 8, 1)), reg, F.mse_loss, ["head.weight", "head.bias"], True
+    if kind == "not_a_chain":
+        return _NotAChain(), reg, F.mse_loss, None, False
+    return MLP((1, 8, 8, 1)), reg, F.mse_loss, None, True
+
+
+@pytest.mark.parametrize("kind", ["mlp", "sequential_ce", "custom_loss", "head_only", "not_a_chain"])
+@pytest.mark.parametrize("engine", ["unrolled", "recompute"])
+def test_stacked_linear_path_equals_loop(kind, engine):
+    """Batched units of Linear/activation chains run as batched matmuls (no vmap); the meta-gradient
+    equals the task loop's, and other models still take the vmap path."""
+    from pymaml.functional.batching import make_units
+    model, tasks, loss_fn, adapt_names, stackable = _batched_case(kind)
+    names = [n for n, _ in model.named_parameters() if adapt_names is None or n in adapt_names]
+    fixed = [n for n, _ in model.named_parameters() if n not in names]
+    units, _, batched = make_units(model, loss_fn, names, fixed, tasks, "vmap")
+    assert batched and (units[0]._stacked is not None) == stackable
+    kw = dict(steps=2, lr=0.05, engine=engine, hvp="double_backward", adapt=adapt_names)
+    a = meta_gradient(model, tasks, loss_fn, task_batching="loop", **kw)
+    b = meta_gradient(model, tasks, loss_fn, task_batching="vmap", **kw)
+    assert rel(flat(b.grads), flat(a.grads)) < 1e-10
+    assert torch.allclose(a.query_loss, b.query_loss, rtol=1e-12)
+    for x, y in zip(a.query_outputs, b.query_outputs):
+        assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
 def test_stacked_task_input_equals_list():
     model, tasks, loss_fn = mlp_setup()
     stacked = Task(tuple(torch.stack(z) for z in zip(*(t.support for t in tasks))),
