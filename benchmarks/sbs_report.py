@@ -222,7 +222,11 @@ def markdown(results, impls, orders, workloads) -> str:
            "- a meta-step = zero grads + forward passes + inner loop + meta-gradient + outer Adam step; "
            "memory = peak above the memory just before the first step ("
            + ("torch.cuda.max_memory_allocated" if m["device"].startswith("cuda") else
-              "peak RSS: VmHWM after /proc/self/clear_refs") + ")",
+              "peak RSS: VmHWM after /proc/self/clear_refs") + ")"
+           + (f"; every worker runs with glibc's MALLOC_MMAP_THRESHOLD_ fixed at {s['mmap_threshold_mib']:g} MiB "
+              "(the default dynamic threshold lets freed activation buffers stay in the heap, so RSS would "
+              "count allocator retention; the same setting applies to every implementation)"
+              if s.get("mmap_threshold_mib") else ""),
            "- times: wall-clock ms per meta-step, with the process's CPU time (user + system) in brackets "
            "where measured; " + ("implementations are RANKED BY CPU TIME here (best/fastest, bold, "
            "speed-ups): on this shared machine wall time also counts the time spent waiting for a core "

@@ -15,7 +15,8 @@ What it does, in order:
    conv biases have a zero true gradient, so per-tensor figures would be rounding noise).
 2. Timing. One fresh process per (workload, order, implementation): median wall time per
    meta-step (zero grads, forward passes, inner loop, meta-gradient, outer Adam step) after warm-up,
-   and the peak memory above the memory just before the first step. A point that exceeds
+   and the peak memory above the memory just before the first step (CPU: every worker with glibc's
+   MALLOC_MMAP_THRESHOLD_ fixed at ``--mmap-threshold-mib``, 4 MiB). A point that exceeds
    ``--timeout`` is reported as a timeout, one that fails (e.g. out of memory) as failed.
 3. Output in ``--out`` (default benchmarks/results/<device>/): side_by_side.md (tables, machine,
    versions, date, command), side_by_side.json (every figure), PNG plots (time and memory per
@@ -157,8 +158,12 @@ def _serve(device: str, threads: int) -> None:
 class _Server:
     """The driver's handle on one fork server (one per pymaml backend)."""
 
-    def __init__(self, env_backend: Optional[str], device: str, threads: int, log_path: Path):
+    def __init__(self, env_backend: Optional[str], device: str, threads: int, log_path: Path,
+                 mmap_threshold_mib: float = 0.0):
         env = dict(os.environ)
+        if mmap_threshold_mib > 0:
+            # glibc reads it at process start; the forked workers inherit the server's allocator.
+            env["MALLOC_MMAP_THRESHOLD_"] = str(int(mmap_threshold_mib * 2**20))
         env.pop("PYMAML_BACKEND", None) if env_backend is None else env.update(PYMAML_BACKEND=env_backend)
         env.setdefault("PYTHONWARNINGS", "ignore")
         if threads:
@@ -413,6 +418,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", choices=("cpu", "wall"), default=None,
                     help="rank implementations by CPU time or wall time (default: cpu on the CPU, "
                          "wall on a GPU)")
+    ap.add_argument("--mmap-threshold-mib", type=float, default=4.0,
+                    help="CPU: glibc MALLOC_MMAP_THRESHOLD_ of every worker (0: glibc's dynamic default). "
+                         "Fixed, freed buffers above it go back to the OS, so peak RSS measures live tensors "
+                         "rather than what the allocator retained (as in bench_engine.py)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="small instances, 1 warm-up + 1 timed step, no sweep: a smoke run")
@@ -457,14 +466,16 @@ def main(argv=None) -> int:
         log_f.flush()
 
     for env_backend in (None, "torch"):
-        _SERVERS[env_backend] = _Server(env_backend, args.device, args.threads, out_dir / "workers.log")
+        _SERVERS[env_backend] = _Server(env_backend, args.device, args.threads, out_dir / "workers.log",
+                                        args.mmap_threshold_mib if args.device == "cpu" else 0.0)
     (out_dir / "workers.log").write_text("")
     t_start = time.perf_counter()
     info = _machine(args.device)
     info["command"] = "python benchmarks/side_by_side.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     info["settings"] = dict(repeats=args.repeats, warmup=args.warmup, budget_s=args.budget,
                             timeout_s=args.timeout, quick=args.quick, threads=args.threads,
-                            rank=args.rank, skip=args.skip)
+                            rank=args.rank, skip=args.skip,
+                            mmap_threshold_mib=args.mmap_threshold_mib if args.device == "cpu" else None)
     log(f"# side-by-side on {args.device}: {info['cpu']} / {info.get('gpu', '')}; torch {info['torch']}; "
         f"versions {info['versions']}; load {info['load_avg_start']}")
     results: Dict = {"machine": info, "workloads": {}, "agreement": {}, "points": [], "sweep": []}
