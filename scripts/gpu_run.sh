@@ -7,8 +7,8 @@
 #
 #   gpu_log.txt        machine, versions, each stage's command, exit status, time and log tail
 #   build.log          the extension build
-#   test_cuda.log      pytest tests/test_cuda.py
-#   kernels.md         benchmarks/bench_kernels.py --device cuda
+#   test_cuda.log      pytest tests/test_cuda.py tests/test_batch_norm.py
+#   kernels.md         benchmarks/bench_kernels.py --device cuda, then bench_batch_norm.py --device cuda
 #   test_all.log       pytest tests (the whole non-slow suite; CUDA cases run where a GPU is seen)
 #   engine.md          benchmarks/bench_engine.py --device cuda            (if present)
 #   side_by_side.md    benchmarks/side_by_side.py --device cuda            (if present)
@@ -142,7 +142,8 @@ do_info() {
 import torch
 import pymaml  # noqa: F401  (loads the extension if it was built)
 ops = ["sgd_update", "sgd_update_lrs", "sgd_update_", "sgd_update_lrs_", "backward_step", "fd_perturb",
-       "fd_quotient", "global_norm", "clip_grad_norm_", "linear_head_hvp"]
+       "fd_quotient", "global_norm", "clip_grad_norm_", "linear_head_hvp", "batch_norm", "batch_norm_backward",
+       "batch_norm_double_backward"]
 for op in ops:
     try:
         cuda = torch._C._dispatch_has_kernel_for_dispatch_key(f"pymaml::{op}", "CUDA")
@@ -188,8 +189,10 @@ for st in "${STAGES[@]}"; do
     info) stage info 90 - bash -c do_info ;;
     test_cuda)
       ensure_pytest
-      stage test_cuda 240 "$OUT/test_cuda.log" $PY -m pytest -v -rs --durations=15 -p no:cacheprovider tests/test_cuda.py ;;
-    kernels) bench bench_kernels.py 180 kernels.md "${KERNELS_ARGS:-}" ;;
+      stage test_cuda 240 "$OUT/test_cuda.log" $PY -m pytest -v -rs --durations=15 -p no:cacheprovider tests/test_cuda.py tests/test_batch_norm.py ;;
+    kernels)
+      bench bench_kernels.py 180 kernels.md "${KERNELS_ARGS:-}"
+      bench bench_batch_norm.py 90 kernels.md "" ;;
     test_all)
       ensure_pytest
       stage test_all 420 "$OUT/test_all.log" $PY -m pytest -q -rs -m "not slow" --durations=20 -p no:cacheprovider tests ;;
