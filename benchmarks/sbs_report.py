@@ -223,9 +223,10 @@ def markdown(results, impls, orders, workloads) -> str:
            "memory = peak above the memory just before the first step ("
            + ("torch.cuda.max_memory_allocated" if m["device"].startswith("cuda") else
               "peak RSS: VmHWM after /proc/self/clear_refs") + ")"
-           + (f"; every worker runs with glibc's MALLOC_MMAP_THRESHOLD_ fixed at {s['mmap_threshold_mib']:g} MiB "
-              "(the default dynamic threshold lets freed activation buffers stay in the heap, so RSS would "
-              "count allocator retention; the same setting applies to every implementation)"
+           + (f"; CPU times are measured with glibc's default allocator settings, memory on one extra "
+              f"meta-step after them with the mmap threshold fixed at {s['mmap_threshold_mib']:g} MiB after "
+              "malloc_trim (so RSS follows live tensors rather than heap retention; the same for every "
+              "implementation; see benchmarks/sbs_measure.py)"
               if s.get("mmap_threshold_mib") else ""),
            "- times: wall-clock ms per meta-step, with the process's CPU time (user + system) in brackets "
            "where measured; " + ("implementations are RANKED BY CPU TIME here (best/fastest, bold, "

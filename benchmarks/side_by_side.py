@@ -15,8 +15,9 @@ What it does, in order:
    conv biases have a zero true gradient, so per-tensor figures would be rounding noise).
 2. Timing. One fresh process per (workload, order, implementation): median wall time per
    meta-step (zero grads, forward passes, inner loop, meta-gradient, outer Adam step) after warm-up,
-   and the peak memory above the memory just before the first step (CPU: every worker with glibc's
-   MALLOC_MMAP_THRESHOLD_ fixed at ``--mmap-threshold-mib``, 4 MiB). A point that exceeds
+   and the peak memory above the memory just before the step (CPU: one extra meta-step after the
+   timed ones, with glibc's mmap threshold fixed at ``--mmap-threshold-mib``, 4 MiB; see
+   sbs_measure.py). A point that exceeds
    ``--timeout`` is reported as a timeout, one that fails (e.g. out of memory) as failed.
 3. Output in ``--out`` (default benchmarks/results/<device>/): side_by_side.md (tables, machine,
    versions, date, command), side_by_side.json (every figure), PNG plots (time and memory per
@@ -81,7 +82,7 @@ def _do(spec: Dict) -> Dict:
     try:
         return sbs_measure.time_point(spec["workload"], spec["impl"], spec["order"], spec.get("steps"),
                                       spec["device"], spec["warmup"], spec["repeats"], spec["budget_s"],
-                                      spec.get("small", False))
+                                      spec.get("small", False), spec.get("mmap_threshold_mib", 4.0))
     except torch.cuda.OutOfMemoryError as e:  # type: ignore[attr-defined]
         return {"status": "oom", "reason": str(e).splitlines()[0][:200]}
     except (RuntimeError, MemoryError) as e:
@@ -158,12 +159,11 @@ def _serve(device: str, threads: int) -> None:
 class _Server:
     """The driver's handle on one fork server (one per pymaml backend)."""
 
-    def __init__(self, env_backend: Optional[str], device: str, threads: int, log_path: Path,
-                 mmap_threshold_mib: float = 0.0):
+    def __init__(self, env_backend: Optional[str], device: str, threads: int, log_path: Path):
         env = dict(os.environ)
-        if mmap_threshold_mib > 0:
-            # glibc reads it at process start; the forked workers inherit the server's allocator.
-            env["MALLOC_MMAP_THRESHOLD_"] = str(int(mmap_threshold_mib * 2**20))
+        # Timed steps run with glibc's allocator as users get it; the memory step fixes the mmap
+        # threshold itself (sbs_measure.time_point).
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
         env.pop("PYMAML_BACKEND", None) if env_backend is None else env.update(PYMAML_BACKEND=env_backend)
         env.setdefault("PYTHONWARNINGS", "ignore")
         if threads:
@@ -419,9 +419,9 @@ def main(argv=None) -> int:
                     help="rank implementations by CPU time or wall time (default: cpu on the CPU, "
                          "wall on a GPU)")
     ap.add_argument("--mmap-threshold-mib", type=float, default=4.0,
-                    help="CPU: glibc MALLOC_MMAP_THRESHOLD_ of every worker (0: glibc's dynamic default). "
-                         "Fixed, freed buffers above it go back to the OS, so peak RSS measures live tensors "
-                         "rather than what the allocator retained (as in bench_engine.py)")
+                    help="CPU: glibc mmap threshold fixed (mallopt, after malloc_trim) for the extra meta-step "
+                         "that measures memory; the timed steps keep glibc's defaults (0: no extra step, "
+                         "memory over the timed steps with the default allocator)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="small instances, 1 warm-up + 1 timed step, no sweep: a smoke run")
@@ -466,8 +466,7 @@ def main(argv=None) -> int:
         log_f.flush()
 
     for env_backend in (None, "torch"):
-        _SERVERS[env_backend] = _Server(env_backend, args.device, args.threads, out_dir / "workers.log",
-                                        args.mmap_threshold_mib if args.device == "cpu" else 0.0)
+        _SERVERS[env_backend] = _Server(env_backend, args.device, args.threads, out_dir / "workers.log")
     (out_dir / "workers.log").write_text("")
     t_start = time.perf_counter()
     info = _machine(args.device)
@@ -512,7 +511,7 @@ def main(argv=None) -> int:
             return res
         spec = dict(mode="time", workload=w, impl=impl, order=order, steps=steps, device=args.device,
                     warmup=args.warmup, repeats=args.repeats, budget_s=args.budget, small=args.quick,
-                    threads=args.threads)
+                    threads=args.threads, mmap_threshold_mib=args.mmap_threshold_mib)
         res = _run_worker(spec, _backend_env(impl), args.timeout)
         res.update(workload=w, order=order, impl=impl,
                    steps=steps if steps is not None else sbs_workloads.get(w).steps)
