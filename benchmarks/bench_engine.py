@@ -9,18 +9,16 @@ vmap against the task loop on the sinusoid workload. An engine is written ``engi
 e.g. ``recompute:double_backward:0`` for the pure recursion that keeps no step graph.
 
 Every point runs in a fresh process (``nice``d): it initialises torch's lazily loaded pieces on toy
-tensors, builds the model and data, runs one warm-up meta-step at K=1 and then ``--repeats``
-meta-steps at K (wall time: the fastest), with glibc's allocator as users get it. Memory is then
-measured on one more meta-step at K: the mmap threshold is fixed at ``--mmap-threshold-mib``
-(4 MiB, ``mallopt``) and free heap memory returned to the OS (``malloc_trim``), so that RSS follows
-live tensors (by default glibc raises the threshold dynamically up to 32 MiB, after which freed
-activation buffers stay in the heap and RSS measures allocator retention: the recompute engine,
-which frees and re-allocates one step's activations per step, then appeared to grow from 590 to
-965 MiB between K=1 and K=10 on the conv workload). The peak is VmHWM (reset through
-/proc/self/clear_refs) minus the RSS just before that step. An earlier version fixed the threshold
-for the whole process, timed steps included: every large buffer then page-faulted afresh, which made
-every engine slower (an exact HVP through the conv net 576 → 1032 ms) and penalised the engines
-that allocate more. The same settings apply to every engine.
+tensors, builds the model and data, records its RSS,
+runs one warm-up meta-step at K=1 and then ``--repeats`` meta-steps at K, while a sampler thread
+reads /proc/self/statm every millisecond; the peak memory is the highest RSS (also checked against
+``ru_maxrss`` when that rose during the run) minus the RSS just before the first meta-step. Wall time
+is the fastest timed meta-step. Each point runs with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at
+``--mmap-threshold-mib`` (4 MiB): by default glibc raises the threshold dynamically up to 32 MiB, after
+which freed activation buffers stay in the fragmented heap and RSS measures allocator retention
+rather than live tensors (the recompute engine, which frees and re-allocates one step's activations
+per step, then appeared to grow from 590 to 965 MiB between K=1 and K=10 on the conv workload; with
+the fixed threshold the same K=10 point measured 349 MiB). The same setting applies to every engine.
 A point that exceeds ``--mem-limit-gib`` above baseline is stopped
 and reported as OOM; one that runs past ``--timeout`` seconds as "timeout".
 
@@ -36,6 +34,7 @@ import json
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -123,33 +122,23 @@ def child(spec: dict) -> None:
     if len(spec["engine"].split(":")) > 2:
         kw["keep_graphs_mib"] = float(spec["engine"].split(":")[2])
         kw["hvp"] = hvp.split(":")[0]
-    from sbs_measure import CpuPeak, fix_mmap_threshold
     gc.collect()
-    limit = int(spec["mem_limit_gib"] * 2**30)
-    guard = _Sampler(_rss(), limit)  # reports a point that outgrows the limit as OOM
-    guard.start()
+    base = _rss()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sampler = _Sampler(base, int(spec["mem_limit_gib"] * 2**30))
+    sampler.start()
     meta_gradient(model, tasks, loss_fn, steps=1, **kw)  # warm-up (lazy initialisation)
     times = []
     for _ in range(spec["repeats"]):
         t0 = time.perf_counter()
         res = meta_gradient(model, tasks, loss_fn, steps=spec["k"], **kw)
         times.append(time.perf_counter() - t0)
-    guard.stop = True
-    guard.join()
-    # Memory: one more meta-step with a fixed mmap threshold (module docstring).
-    if spec["mmap_threshold_mib"] > 0:
-        fix_mmap_threshold(spec["mmap_threshold_mib"])
-    gc.collect()
-    peak = CpuPeak()
-    peak.start()
-    guard = _Sampler(_rss(), limit)
-    guard.start()
-    meta_gradient(model, tasks, loss_fn, steps=spec["k"], **kw)
-    guard.stop = True
-    guard.join()
-    peak_bytes = max(peak.stop(), guard.peak - guard.baseline)
-    print(json.dumps({"status": "ok", "time_s": min(times), "peak_mib": peak_bytes / 2**20,
-                      "baseline_mib": peak.base / 2**10, "batching": res.task_batching,
+    sampler.stop = True
+    sampler.join()
+    ru1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = max(sampler.peak, ru1 if ru1 > ru0 else 0)
+    print(json.dumps({"status": "ok", "time_s": min(times), "peak_mib": (peak - base) / 2**20,
+                      "baseline_mib": base / 2**20, "batching": res.task_batching,
                       "query_loss": float(res.query_loss)}), flush=True)
 
 
@@ -157,11 +146,11 @@ def child(spec: dict) -> None:
 
 def run_point(args, workload, engine, k, batching):
     spec = dict(workload=workload, engine=engine, k=k, batching=batching, threads=args.threads,
-                repeats=args.repeats if workload == "sinusoid" else 1, mem_limit_gib=args.mem_limit_gib,
-                mmap_threshold_mib=args.mmap_threshold_mib)
+                repeats=args.repeats if workload == "sinusoid" else 1, mem_limit_gib=args.mem_limit_gib)
     cmd = ["nice", "-n", "10", sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
     env = dict(os.environ)
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # timed steps: the allocator users get
+    if args.mmap_threshold_mib > 0:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(int(args.mmap_threshold_mib * 2**20))
     t0 = time.time()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT, env=env)
@@ -307,7 +296,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=420.0, help="seconds per point")
     ap.add_argument("--mem-limit-gib", type=float, default=8.0, help="peak above baseline reported as OOM")
     ap.add_argument("--mmap-threshold-mib", type=float, default=4.0,
-                    help="glibc mmap threshold fixed for the memory step of each point (0: glibc's dynamic default)")
+                    help="glibc MALLOC_MMAP_THRESHOLD_ for each point (0: glibc's dynamic default)")
     ap.add_argument("--note", default="/work/notes/readme_engine.md", help="markdown fragment to write ('' for none)")
     args = ap.parse_args()
     if args.child:
@@ -337,8 +326,7 @@ def main():
         print(f"[{time.time() - t_start:6.0f} s] {w} {e} K={k} {b}: {r['status']} {extra}", file=sys.stderr, flush=True)
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared), torch "
                f"{torch.__version__}, {args.threads} intra-op thread(s), float32, "
-               f"times with glibc's default allocator; memory on one more meta-step with the mmap threshold "
-               f"fixed at {args.mmap_threshold_mib:g} MiB after malloc_trim")
+               f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold_mib:g} MiB")
     try:
         import pymaml
         backend = pymaml.backend() if hasattr(pymaml, "backend") else "reference (pymaml.ops not dispatching yet)"
