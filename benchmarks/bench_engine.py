@@ -19,6 +19,10 @@ which freed activation buffers stay in the fragmented heap and RSS measures allo
 rather than live tensors (the recompute engine, which frees and re-allocates one step's activations
 per step, then appeared to grow from 590 to 965 MiB between K=1 and K=10 on the conv workload; with
 the fixed threshold the same K=10 point measured 349 MiB). The same setting applies to every engine.
+Cost of that choice: every buffer above the threshold is mapped afresh and page-faults, so the
+times here are slower than with glibc's defaults (an exact HVP through the conv net: 576 ms → 1032 ms,
+bench_batch_norm.py with and without the variable) and weigh allocation more;
+``side_by_side.py`` instead times with the default allocator and measures memory on one extra step.
 A point that exceeds ``--mem-limit-gib`` above baseline is stopped
 and reported as OOM; one that runs past ``--timeout`` seconds as "timeout".
 
