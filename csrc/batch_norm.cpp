@@ -45,9 +45,20 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const at:
   TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
 }
 
-namespace {
-bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-}  // namespace
+void check_double_backward(const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                           const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& gg_x,
+                           const std::optional<at::Tensor>& gg_weight, const std::optional<at::Tensor>& gg_bias) {
+  const char* op = "batch_norm_double_backward";
+  check_bn_input(op, x, weight, std::nullopt);
+  check_like(op, "grad_y", grad_y, x);
+  check_stats(op, x, mean, invstd);
+  if (present(gg_x)) check_like(op, "gg_x", *gg_x, x);
+  for (auto [t, name] : {std::make_pair(&gg_weight, "gg_weight"), std::make_pair(&gg_bias, "gg_bias")}) {
+    if (!present(*t)) continue;
+    TORCH_CHECK_VALUE((*t)->dim() == 1 && (*t)->size(0) == x.size(1), op, ": ", name, " must have shape [",
+                      x.size(1), "], got ", (*t)->sizes());
+  }
+}
 
 Tensor3 batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                    const std::optional<at::Tensor>& bias, double eps) {
@@ -70,11 +81,7 @@ Tensor3 double_backward_composite(const at::Tensor& grad_y, const at::Tensor& x,
                                   const at::Tensor& invstd, double /*eps*/, const std::optional<at::Tensor>& gg_x,
                                   const std::optional<at::Tensor>& gg_weight,
                                   const std::optional<at::Tensor>& gg_bias) {
-  const char* op = "batch_norm_double_backward";
-  check_bn_input(op, x, weight, std::nullopt);
-  check_like(op, "grad_y", grad_y, x);
-  check_stats(op, x, mean, invstd);
-  if (present(gg_x)) check_like(op, "gg_x", *gg_x, x);
+  check_double_backward(grad_y, x, weight, mean, invstd, gg_x, gg_weight, gg_bias);
   const int64_t c = x.size(1), m = x.numel() / c;
   const auto ct = at::toOpMathType(x.scalar_type());
   std::vector<int64_t> red{0}, shape(x.dim(), 1);

@@ -181,6 +181,8 @@ def test_compiled_ops_check_on_their_own():
     _, m, s = ops.batch_norm(x, None, None, EPS)
     with pytest.raises(ValueError, match=r"batch_norm_double_backward: gg_x has shape \[4, 3\]"):
         ops.batch_norm_double_backward(x, x, None, m, s, EPS, torch.randn(4, 3), None, None)
+    with pytest.raises(ValueError, match=r"batch_norm_double_backward: gg_weight must have shape \[3\], got \[2\]"):
+        ops.batch_norm_double_backward(x, x, None, m, s, EPS, None, torch.randn(2), None)
     with pytest.raises(ValueError, match=r"batch_norm_backward: mean must have shape \[3\]"):
         ops.batch_norm_backward(x, x, None, m[:2], s, EPS)
 

@@ -90,8 +90,6 @@ void run(const T* gy, const T* x, const T* gg, T* ggy_out, T* gx_out, double* gw
   }
 }
 
-bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 // A [C] tensor as contiguous doubles (nullptr-able).
 at::Tensor as_double(const std::optional<at::Tensor>& t) {
   return present(t) ? t->to(at::kDouble).contiguous() : at::Tensor();
@@ -101,21 +99,12 @@ Tensor3 double_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const
                             const at::Tensor& mean, const at::Tensor& invstd, double eps,
                             const std::optional<at::Tensor>& gg_x, const std::optional<at::Tensor>& gg_weight,
                             const std::optional<at::Tensor>& gg_bias) {
-  const char* op = "batch_norm_double_backward";
   const auto dt = x.scalar_type();
   const bool same = grad_y.scalar_type() == dt && (!present(gg_x) || gg_x->scalar_type() == dt);
   if (!(dt == at::kFloat || dt == at::kDouble) || !same) {
     return double_backward_composite(grad_y, x, weight, mean, invstd, eps, gg_x, gg_weight, gg_bias);
   }
-  check_bn_input(op, x, weight, std::nullopt);
-  check_like(op, "grad_y", grad_y, x);
-  check_stats(op, x, mean, invstd);
-  if (present(gg_x)) check_like(op, "gg_x", *gg_x, x);
-  for (auto [t, name] : {std::make_pair(&gg_weight, "gg_weight"), std::make_pair(&gg_bias, "gg_bias")}) {
-    if (!present(*t)) continue;
-    TORCH_CHECK_VALUE((*t)->dim() == 1 && (*t)->size(0) == x.size(1), op, ": ", name, " must have shape [",
-                      x.size(1), "], got ", (*t)->sizes());
-  }
+  check_double_backward(grad_y, x, weight, mean, invstd, gg_x, gg_weight, gg_bias);
   const int64_t n = x.size(0), c = x.size(1), s = c ? x.numel() / (n * c) : 0;
   const at::Tensor xc = x.contiguous(), gyc = grad_y.contiguous();
   const at::Tensor ggc = present(gg_x) ? gg_x->contiguous() : at::Tensor();

@@ -36,6 +36,13 @@ void check_bn_input(const char* op, const at::Tensor& x, const std::optional<at:
                     const std::optional<at::Tensor>& bias);
 void check_stats(const char* op, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd);
 void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x);
+// Every check of batch_norm_double_backward's inputs (shared by the CPU kernel and the composite).
+void check_double_backward(const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                           const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& gg_x,
+                           const std::optional<at::Tensor>& gg_weight, const std::optional<at::Tensor>& gg_bias);
+
+// An optional tensor argument that was given (not None).
+inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 Tensor3 batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                    const std::optional<at::Tensor>& bias, double eps);
