@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, reference_bn
-from .reference_bn import check_batch_norm, third_order_vjp
+from .reference_bn import check_batch_norm
 
 __all__ = ["batch_norm", "compiled_available"]
 
@@ -82,41 +82,19 @@ def register_python_kernels() -> bool:
         wd = weight.dtype if weight is not None else x.dtype
         return grad_y.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((x.shape[1],), dtype=wd)
 
-    def setup_bn(ctx, inputs, output):
-        x, weight, bias, eps = inputs
-        _, mean, invstd = output
-        ctx.has_bias = bias is not None
-        ctx.eps = eps
-        ctx.save_for_backward(x, weight, mean, invstd)
+    # The derivative chain of reference_bn, with the compiled ops as its links.
+    ops, ref = torch.ops.pymaml, reference_bn
 
     def backward_bn(ctx, gy, _g_mean, _g_invstd):
-        # mean and invstd are documented as values, not differentiable outputs
-        x, w, mean, invstd = ctx.saved_tensors
-        gx, gw, gb = torch.ops.pymaml.batch_norm_backward(gy, x, w, mean, invstd, ctx.eps)
-        return gx, (gw if w is not None else None), (gb if ctx.has_bias else None), None
-
-    def setup_bwd(ctx, inputs, output):
-        grad_y, x, weight, mean, invstd, eps = inputs
-        ctx.eps = eps
-        ctx.save_for_backward(grad_y, x, weight, mean, invstd)
+        return ref.backward_bn(ctx, gy, ops.batch_norm_backward)
 
     def backward_bwd(ctx, g_x, g_w, g_b):
-        gy, x, w, mean, invstd = ctx.saved_tensors
-        ggy, gx, gw = torch.ops.pymaml.batch_norm_double_backward(gy, x, w, mean, invstd, ctx.eps, g_x, g_w, g_b)
-        return ggy, gx, (gw if w is not None else None), None, None, None
+        return ref.backward_backward(ctx, g_x, g_w, g_b, ops.batch_norm_double_backward)
 
-    def setup_dbl(ctx, inputs, output):
-        grad_y, x, weight, mean, invstd, eps, gg_x, gg_w, gg_b = inputs
-        ctx.eps = eps
-        ctx.save_for_backward(grad_y, x, weight, gg_x, gg_w, gg_b)
-
-    def backward_dbl(ctx, g_ggy, g_gx, g_gw):
-        d = third_order_vjp(ctx.saved_tensors, ctx.eps, (g_ggy, g_gx, g_gw))
-        return d[0], d[1], d[2], None, None, None, d[3], d[4], d[5]
-
-    for name, fake, setup, bwd in (("batch_norm", fake_bn, setup_bn, backward_bn),
-                                   ("batch_norm_backward", fake_bwd, setup_bwd, backward_bwd),
-                                   ("batch_norm_double_backward", fake_dbl, setup_dbl, backward_dbl)):
+    chain = (("batch_norm", fake_bn, ref.setup_bn, backward_bn),
+             ("batch_norm_backward", fake_bwd, ref.setup_backward, backward_bwd),
+             ("batch_norm_double_backward", fake_dbl, ref.setup_double, ref.backward_double))
+    for name, fake, setup, bwd in chain:
         for register, args in ((torch.library.register_fake, (fake,)),
                                (torch.library.register_autograd, (bwd,))):
             kw = {"setup_context": setup} if register is torch.library.register_autograd else {}

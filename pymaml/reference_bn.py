@@ -179,39 +179,61 @@ def third_order_vjp(saved, eps, grads):
     return tuple(next(res) if p else None for p in present)
 
 
+# setup_context / backward bodies of the three links; ``backward_op`` and ``double_op`` are the next
+# link (the compiled op, or the Function below). pymaml/batch_norm.py registers the same functions
+# as the compiled ops' autograd.
+
+def setup_bn(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    _, mean, invstd = output
+    ctx.has_bias = bias is not None
+    ctx.eps = eps
+    ctx.save_for_backward(x, weight, mean, invstd)
+
+
+def backward_bn(ctx, gy, backward_op):
+    """mean and invstd are values, not differentiable outputs: their cotangents are ignored."""
+    x, w, mean, invstd = ctx.saved_tensors
+    gx, gw, gb = backward_op(gy, x, w, mean, invstd, ctx.eps)
+    return gx, (gw if w is not None else None), (gb if ctx.has_bias else None), None
+
+
+def setup_backward(ctx, inputs, output):
+    grad_y, x, weight, mean, invstd, eps = inputs
+    ctx.eps = eps
+    ctx.save_for_backward(grad_y, x, weight, mean, invstd)
+
+
+def backward_backward(ctx, g_x, g_w, g_b, double_op):
+    gy, x, w, mean, invstd = ctx.saved_tensors
+    ggy, gx, gw = double_op(gy, x, w, mean, invstd, ctx.eps, g_x, g_w, g_b)
+    return ggy, gx, (gw if w is not None else None), None, None, None
+
+
+def setup_double(ctx, inputs, output):
+    grad_y, x, weight, mean, invstd, eps, gg_x, gg_w, gg_b = inputs
+    ctx.eps = eps
+    ctx.save_for_backward(grad_y, x, weight, gg_x, gg_w, gg_b)
+
+
+def backward_double(ctx, g_ggy, g_gx, g_gw):
+    d = third_order_vjp(ctx.saved_tensors, ctx.eps, (g_ggy, g_gx, g_gw))
+    return d[0], d[1], d[2], None, None, None, d[3], d[4], d[5]
+
+
 class _Double(torch.autograd.Function):
-    @staticmethod
-    def forward(grad_y, x, weight, mean, invstd, eps, gg_x, gg_w, gg_b):
-        return batch_norm_double_backward(grad_y, x, weight, mean, invstd, eps, gg_x, gg_w, gg_b)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        grad_y, x, weight, mean, invstd, eps, gg_x, gg_w, gg_b = inputs
-        ctx.save_for_backward(grad_y, x, weight, gg_x, gg_w, gg_b)
-        ctx.eps = eps
-
-    @staticmethod
-    def backward(ctx, g_ggy, g_gx, g_gw):
-        d = third_order_vjp(ctx.saved_tensors, ctx.eps, (g_ggy, g_gx, g_gw))
-        return d[0], d[1], d[2], None, None, None, d[3], d[4], d[5]
+    forward = staticmethod(batch_norm_double_backward)
+    setup_context = staticmethod(setup_double)
+    backward = staticmethod(backward_double)
 
 
 class _Backward(torch.autograd.Function):
-    @staticmethod
-    def forward(grad_y, x, weight, mean, invstd, eps):
-        return batch_norm_backward(grad_y, x, weight, mean, invstd, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        grad_y, x, weight, mean, invstd, eps = inputs
-        ctx.save_for_backward(grad_y, x, weight, mean, invstd)
-        ctx.eps = eps
+    forward = staticmethod(batch_norm_backward)
+    setup_context = staticmethod(setup_backward)
 
     @staticmethod
     def backward(ctx, g_x, g_w, g_b):
-        gy, x, w, mean, invstd = ctx.saved_tensors
-        ggy, gx, gw = _Double.apply(gy, x, w, mean, invstd, ctx.eps, g_x, g_w, g_b)
-        return ggy, gx, (gw if w is not None else None), None, None, None
+        return backward_backward(ctx, g_x, g_w, g_b, _Double.apply)
 
 
 class BatchNormFn(torch.autograd.Function):
@@ -219,21 +241,13 @@ class BatchNormFn(torch.autograd.Function):
     ``BatchNormFn.apply(x, weight, bias, eps)`` returns (y, mean, invstd), the statistics not
     differentiable. The fallback of :func:`pymaml.batch_norm`."""
 
-    @staticmethod
-    def forward(x, weight, bias, eps):
-        return batch_norm(x, weight, bias, eps)
+    forward = staticmethod(batch_norm)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, eps = inputs
-        _, mean, invstd = output
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.has_bias = bias is not None
-        ctx.eps = eps
-        ctx.save_for_backward(x, weight, mean, invstd)
+        setup_bn(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
     def backward(ctx, gy, _g_mean, _g_invstd):
-        x, w, mean, invstd = ctx.saved_tensors
-        gx, gw, gb = _Backward.apply(gy, x, w, mean, invstd, ctx.eps)
-        return gx, (gw if w is not None else None), (gb if ctx.has_bias else None), None
+        return backward_bn(ctx, gy, _Backward.apply)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models import MLP
+
 __all__ = ["stacked_forward", "stacked_task_losses"]
 
 # Modules applied element-wise: the same module call works on a [T, n, features] tensor.
@@ -32,7 +34,6 @@ Layer = Tuple[str, object]  # ("linear", prefix) or ("pointwise", module)
 
 
 def _layers(module: nn.Module, prefix: str, out: List[Layer]) -> bool:
-    from ..models import MLP  # models imports nothing from functional
     # exact types: a subclass may override forward
     if type(module) is nn.Linear:
         out.append(("linear", prefix))
