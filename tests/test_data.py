@@ -16,6 +16,17 @@ have_data = pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "images_bac
                                reason=f"Omniglot archives not found in {DATA}")
 
 
+def assert_state_round_trip(make, n):
+    """A sampler restored from another's state_dict draws exactly what the original draws next."""
+    a, b = make(), make()
+    a.sample(n)
+    state = a.state_dict()
+    first = a.sample(n)
+    b.load_state_dict(state)
+    for u, v in zip(first, b.sample(n)):
+        assert torch.equal(u, v)
+
+
 def test_sinusoid_ranges_shapes_and_determinism():
     s = SinusoidTasks(shots=10, queries=7, seed=3)
     amp, ph = s.sample_functions(2000)
@@ -23,14 +34,7 @@ def test_sinusoid_ranges_shapes_and_determinism():
     x_s, y_s, x_q, y_q = s.sample(4)
     assert x_s.shape == (4, 10, 1) and y_s.shape == (4, 10, 1) and x_q.shape == (4, 7, 1)
     assert float(x_s.abs().max()) <= 5.0 and float(y_s.abs().max()) <= 5.0
-    a = SinusoidTasks(seed=1)
-    b = SinusoidTasks(seed=1)
-    a.sample(3)
-    state = a.state_dict()
-    first = a.sample(3)
-    b.load_state_dict(state)
-    for u, v in zip(first, b.sample(3)):
-        assert torch.equal(u, v)
+    assert_state_round_trip(lambda: SinusoidTasks(seed=1), 3)
 
 
 def test_sinusoid_targets_are_a_sine_of_the_inputs():
@@ -118,12 +122,6 @@ def test_omniglot_sampler_protocol_and_determinism():
     assert any((np.rot90(img, -k)[None] == flat).all((1, 2)).any() for k in range(4))
     five = OmniglotTasks(ds, ways=20, shots=5, queries=15, seed=1).sample(1)
     assert five[0].shape == (1, 100, 1, 28, 28) and five[2].shape == (1, 300, 1, 28, 28)
-    a, b = OmniglotTasks(ds, seed=3), OmniglotTasks(ds, seed=3)
-    a.sample(2)
-    state = a.state_dict()
-    ref = a.sample(2)
-    b.load_state_dict(state)
-    for u, v in zip(ref, b.sample(2)):
-        assert torch.equal(u, v)
+    assert_state_round_trip(lambda: OmniglotTasks(ds, seed=3), 2)
     with pytest.raises(ValueError, match="exceeds 20 drawers"):
         OmniglotTasks(ds, shots=10, queries=11)
