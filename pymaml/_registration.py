@@ -19,8 +19,12 @@ def _opm(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW else dtype
 
 
-def _like(ts: Sequence[Tensor]) -> List[Tensor]:
-    return [t.new_empty(t.shape) for t in ts]
+def _like(ts: Sequence[Tensor], dtypes: Optional[Sequence[torch.dtype]] = None) -> List[Tensor]:
+    """The outputs' layout (csrc/include/pymaml/ops.h): CPU kernels keep the strides of the list's
+    first operand (torch.empty_like's rule), CUDA kernels return contiguous tensors."""
+    dtypes = dtypes or [t.dtype for t in ts]
+    return [t.new_empty(t.shape, dtype=d) if t.device.type == "cuda" else torch.empty_like(t, dtype=d)
+            for t, d in zip(ts, dtypes)]
 
 
 def _one_device(op: str, *lists) -> None:
@@ -63,7 +67,12 @@ def _(params, grads, lrs, weight_decay):
 @torch.library.register_fake("pymaml::backward_step")
 def _(v, hvp, grads, lrs, next_lrs, next_lr, has_next):
     _one_device("backward_step", v, hvp, grads)
-    lr_grad = _like(lrs)  # shared: one entry shaped like lrs[0]; per parameter: like each entry
+    # shared: one entry shaped like lrs[0]; per parameter: like each entry, per element laid out
+    # like v[i] in the dtype of lrs[i]
+    if len(lrs) == len(v) and not _shared(lrs, len(v)):
+        lr_grad = [_like([a])[0] if a.numel() == 1 else _like([t], [a.dtype])[0] for a, t in zip(lrs, v)]
+    else:
+        lr_grad = _like(lrs)
     return _like(v), lr_grad, (_like(v) if has_next else [])
 
 

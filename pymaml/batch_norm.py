@@ -65,22 +65,29 @@ def register_python_kernels() -> bool:
         return False
     lib = "pymaml::"
 
+    def like_x(x, dtype=None):
+        """x-shaped outputs keep a channels-last layout (as ATen's batch norm and the fused kernel)."""
+        fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+        if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+            return torch.empty_like(x, dtype=dtype, memory_format=fmt)
+        return x.new_empty(x.shape, dtype=dtype)
+
     def fake_bn(x, weight, bias, eps):
         check_batch_norm("batch_norm", x, weight, bias)
         st = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         c = x.shape[1]
-        return x.new_empty(x.shape), x.new_empty((c,), dtype=st), x.new_empty((c,), dtype=st)
+        return like_x(x), x.new_empty((c,), dtype=st), x.new_empty((c,), dtype=st)
 
     def fake_bwd(grad_y, x, weight, mean, invstd, eps):
         check_batch_norm("batch_norm_backward", x, weight, grad_y=grad_y)
         wd = weight.dtype if weight is not None else x.dtype
         c = x.shape[1]
-        return x.new_empty(x.shape), x.new_empty((c,), dtype=wd), x.new_empty((c,), dtype=wd)
+        return like_x(x), x.new_empty((c,), dtype=wd), x.new_empty((c,), dtype=wd)
 
     def fake_dbl(grad_y, x, weight, mean, invstd, eps, gg_x, gg_weight, gg_bias):
         check_batch_norm("batch_norm_double_backward", x, weight, grad_y=grad_y, gg_x=gg_x)
         wd = weight.dtype if weight is not None else x.dtype
-        return grad_y.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((x.shape[1],), dtype=wd)
+        return like_x(x, grad_y.dtype), like_x(x), x.new_empty((x.shape[1],), dtype=wd)
 
     # The derivative chain of reference_bn, with the compiled ops as its links.
     ops, ref = torch.ops.pymaml, reference_bn

@@ -238,7 +238,9 @@ def test_finite_difference_close(setup):
 def test_first_order_is_query_gradient_at_theta_K(setup):
     model, tasks, loss_fn = SETUPS[setup](n_tasks=1)
     t = tasks[0]
-    res = meta_gradient(model, tasks, loss_fn, steps=3, lr=0.05, engine="first_order", task_batching="loop")
+    # bitwise: the same ops in the same layout (channels-last convolutions round differently)
+    res = meta_gradient(model, tasks, loss_fn, steps=3, lr=0.05, engine="first_order", task_batching="loop",
+                        memory_format="preserve")
     theta_k = adapt(model, t.support, loss_fn, steps=3, lr=0.05)
     leaves = {n: p.detach().requires_grad_() for n, p in theta_k.items()}
     from pymaml.functional.buffers import batch_norm_policy
@@ -468,6 +470,53 @@ def test_errors_name_the_function_and_values():
                                                  if n != "head.bias"})
     with pytest.raises(ValueError, match=r"step_weights needs one weight per inner step: got 1 for steps=2"):
         meta_gradient(model, tasks, loss_fn, steps=2, step_weights=[1.0])
+    with pytest.raises(ValueError, match=r"meta_gradient: memory_format must be one of .* got 'nhwc'"):
+        meta_gradient(model, tasks, loss_fn, memory_format="nhwc")
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+@pytest.mark.parametrize("engine,hvp,keep", EXACT + [("recompute", "finite_difference", 0.0),
+                                                     ("first_order", "double_backward", 0.0)])
+def test_memory_format_channels_last(in_channels, engine, hvp, keep):
+    """Channels-last runs equal the NCHW ones and the reference (float64); every BatchNorm, ReLU and
+    max-pool inside sees channels-last tensors (so no op silently falls back to NCHW, which would cost
+    the speed this exists for); grads and lr grads come back in the layout of what they belong to."""
+    torch.manual_seed(0)
+    model = ConvNet(in_channels=in_channels, ways=3, hidden=4, image_size=8, blocks=2)
+    tasks = [Task((torch.randn(6, in_channels, 8, 8), torch.arange(3).repeat(2)),
+                  (torch.randn(6, in_channels, 8, 8), torch.arange(3).repeat(2))) for _ in range(2)]
+    loss_fn, steps = F.cross_entropy, 3
+    lr = make_lr("per_element", model, steps)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, i: seen.append(
+        i[0].stride() == torch.empty_like(i[0], memory_format=torch.channels_last).stride()))
+        for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d))]
+    kw = dict(steps=steps, lr=lr, engine=engine, hvp=hvp, task_batching="loop", keep_graphs_mib=keep)
+    res = meta_gradient(model, tasks, loss_fn, memory_format="auto", **kw)
+    assert res.memory_format == "channels_last" and seen and all(seen)
+    for h in hooks:
+        h.remove()
+    nchw = meta_gradient(model, tasks, loss_fn, memory_format="preserve", **kw)
+    assert nchw.memory_format == "preserve"
+    fd = hvp == "finite_difference" and engine == "recompute"
+    tol = 1e-6 if fd else 1e-10
+    assert rel(flat(res.grads), flat(nchw.grads)) < (1e-8 if fd else 1e-12)
+    assert rel(lr_grads_flat(lr, res.lr_grads), lr_grads_flat(lr, nchw.lr_grads)) < 1e-11
+    if engine != "first_order":
+        ref, ref_lr = reference(model, tasks, loss_fn, steps, lr)
+        assert rel(flat(res.grads), flat(ref)) < tol
+        assert rel(lr_grads_flat(lr, res.lr_grads), ref_lr) < tol
+    for n, p in model.named_parameters():
+        assert res.grads[n].stride() == p.stride(), n
+        assert res.lr_grads[n].stride() == lr[n].stride(), n
+
+
+def test_memory_format_auto_choice():
+    model, tasks, loss_fn = mlp_setup()
+    assert meta_gradient(model, tasks, loss_fn).memory_format == "preserve"
+    model, tasks, loss_fn = conv_setup()
+    assert meta_gradient(model, tasks, loss_fn).memory_format == "channels_last"
+    assert meta_gradient(model, tasks, loss_fn, task_batching="vmap").memory_format == "preserve"
 
 
 def test_recompute_partial_graph_budget():

@@ -240,6 +240,71 @@ def test_many_small_tensors_noncontiguous_and_mixed_dtypes(backend, device, gen)
     close(vo, [v - g_ for v, g_ in zip(views, grads)], rtol=1e-12, atol=0)
 
 
+def _layouts(gen, device):
+    """Conv-weight-shaped float64 tensors in the layouts a channels_last model produces."""
+    cl = torch.channels_last
+
+    def t(shape, fmt):
+        x = torch.randn(shape, generator=gen, dtype=torch.float64).to(device)
+        if fmt == "cl":
+            return x.contiguous(memory_format=cl)
+        if fmt == "slice":  # not dense: every other output channel of a channels_last tensor
+            return torch.randn((2 * shape[0],) + shape[1:], generator=gen, dtype=torch.float64).to(
+                device).contiguous(memory_format=cl)[::2]
+        return x
+    return t
+
+
+@pytest.mark.parametrize("p_fmt,g_fmt", [("cl", "cl"), ("cl", "nchw"), ("nchw", "cl"), ("slice", "cl")])
+def test_layouts_channels_last_and_mixed(backend, device, gen, p_fmt, g_fmt):
+    # Values agree with the reference whatever the strides; the CPU kernels return tensors laid out
+    # like the first operand (torch.empty_like's rule: a channels_last list stays channels_last), CUDA
+    # kernels contiguous ones; the reference (torch ops) keeps channels_last when all operands have it.
+    t = _layouts(gen, device)
+    shapes = [(6, 3, 3, 3), (4, 5, 2, 3)]
+    p, g, v = [t(s, p_fmt) for s in shapes], [t(s, g_fmt) for s in shapes], [t(s, g_fmt) for s in shapes]
+    lr = [t(s, g_fmt).abs() for s in shapes]
+    dense = [x.contiguous() for x in p]
+
+    def layout_ok(outs, like):
+        for o, x in zip(outs, like):
+            if backend is pymaml.ops and device.type == "cpu":
+                assert o.stride() == torch.empty_like(x).stride(), (o.stride(), x.stride())
+            elif backend is pymaml.ops:
+                assert o.is_contiguous()
+            elif p_fmt == g_fmt == "cl":
+                assert o.is_contiguous(memory_format=torch.channels_last)
+
+    for alpha in (0.1, lr):
+        out = backend.sgd_update(p, g, alpha, weight_decay=0.01)
+        close(out, R.sgd_update(dense, g, alpha, 0.01), rtol=1e-12, atol=1e-15)
+        layout_ok(out, p)
+        q = [x.clone() for x in p]
+        backend.sgd_update_(q, g, alpha, weight_decay=0.01)
+        close(q, out, rtol=1e-12, atol=1e-15)
+    got = backend.backward_step(p, g, v, lr, lr)
+    want = R.backward_step(dense, g, v, lr, lr)
+    for a, b in zip(got, want):
+        close(a, b, rtol=1e-12, atol=1e-14)
+    layout_ok(got[0], p)
+    layout_ok(got[2], p)
+    plus, minus = backend.fd_perturb(p, g, 1e-3)
+    close((plus, minus), R.fd_perturb(dense, g, 1e-3), rtol=1e-12, atol=1e-15)
+    layout_ok(plus, p)
+    quo = backend.fd_quotient(p, g, 1e-3)
+    close(quo, R.fd_quotient(dense, g, 1e-3), rtol=1e-12, atol=1e-12)
+    layout_ok(quo, p)
+    if backend is pymaml.ops:
+        ops = torch.ops.pymaml
+        rg = lambda ts: [x.detach().clone(memory_format=torch.preserve_format).requires_grad_() for x in ts]  # noqa: E731
+        for op, args in [(ops.sgd_update.default, (rg(p), rg(g), 0.1, 0.01)),
+                         (ops.sgd_update_lrs.default, (rg(p), rg(g), rg(lr), 0.0)),
+                         (ops.backward_step.default, (rg(p), rg(g), rg(v), lr, rg(lr), 0.0, True)),
+                         (ops.fd_perturb.default, (rg(p), rg(g), 1e-3, torch.ones((), dtype=torch.float64,
+                                                                                  device=device)))]:
+            torch.library.opcheck(op, args)
+
+
 def test_empty_inputs(backend, device):
     e = [torch.empty(0, device=device), torch.empty(2, 0, device=device)]
     assert [t.shape for t in backend.sgd_update(e, e, 0.1)] == [t.shape for t in e]

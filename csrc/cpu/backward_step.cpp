@@ -88,7 +88,7 @@ double step_segment(const StepItem& it, int64_t lo, int64_t hi) {
 
 // α_next for parameter i: per element (returns the tensor) or one number (sets *alpha).
 at::Tensor next_alpha(LrKind kind, at::TensorList next_lrs, size_t i, double next_lr, double shared,
-                      at::ScalarType t, double* alpha) {
+                      const at::Tensor& ref, double* alpha) {
   *alpha = kind == LrKind::kNone ? next_lr : shared;
   if (kind != LrKind::kPerParam) return at::Tensor();
   const at::Tensor& a = next_lrs[i];
@@ -96,7 +96,7 @@ at::Tensor next_alpha(LrKind kind, at::TensorList next_lrs, size_t i, double nex
     *alpha = read_scalar(a);
     return at::Tensor();
   }
-  return opmath_or_same(a, t);
+  return opmath_or_same(a, ref);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> backward_step(
@@ -126,20 +126,20 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     StepItem& it = items[i];
     it.dtype = v[i].scalar_type();
     numels[i] = v[i].numel();
-    at::Tensor vc = v[i].contiguous(), hc = hvp[i].contiguous(), gc = grads[i].contiguous();
+    at::Tensor vc = dense_ref(v[i]), hc = as_layout(hvp[i], vc), gc = as_layout(grads[i], vc);
     it.v = vc.const_data_ptr();
     it.h = hc.const_data_ptr();
     it.g = gc.const_data_ptr();
-    v_out.push_back(new_cpu_like(v[i]));
+    v_out.push_back(new_cpu_like(vc));
     it.v_out = v_out.back().mutable_data_ptr();
     it.u_next = nullptr;
     it.next_lr = nullptr;
     it.next_dtype = it.dtype;
     it.next_alpha = 0;
     if (has_next) {
-      u_next.push_back(new_cpu_like(v[i]));
+      u_next.push_back(new_cpu_like(vc));
       it.u_next = u_next.back().mutable_data_ptr();
-      at::Tensor na = next_alpha(nkind, next_lrs, i, next_lr, next_shared, it.dtype, &it.next_alpha);
+      at::Tensor na = next_alpha(nkind, next_lrs, i, next_lr, next_shared, vc, &it.next_alpha);
       if (na.defined()) {
         it.next_lr = na.const_data_ptr();
         it.next_dtype = na.scalar_type();
@@ -153,7 +153,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
       const at::Tensor& a = lrs[i];
       const auto want = a.scalar_type();
       const bool direct = want == it.dtype || want == opmath_dtype(it.dtype);
-      at::Tensor lg = new_cpu(a.sizes(), direct ? want : opmath_dtype(it.dtype));
+      at::Tensor lg = new_cpu_like(vc, direct ? want : opmath_dtype(it.dtype));
       it.lr_grad = lg.mutable_data_ptr();
       it.grad_dtype = lg.scalar_type();
       if (!direct) grad_casts.emplace_back(i, lg);

@@ -76,14 +76,14 @@ std::vector<at::Tensor> run_fd(const char* op, const char* na, const char* nb, a
     FdItem& it = items[i];
     it.dtype = a[i].scalar_type();
     numels[i] = a[i].numel();
-    at::Tensor ac = a[i].contiguous(), bc = b[i].contiguous();
+    at::Tensor ac = dense_ref(a[i]), bc = as_layout(b[i], ac);
     it.a = ac.const_data_ptr();
     it.b = bc.const_data_ptr();
-    first.push_back(new_cpu_like(a[i]));
+    first.push_back(new_cpu_like(ac));
     it.out0 = first.back().mutable_data_ptr();
     it.out1 = nullptr;
     if (!kQuotient) {
-      second->push_back(new_cpu_like(a[i]));
+      second->push_back(new_cpu_like(ac));
       it.out1 = second->back().mutable_data_ptr();
     }
     keep.push_back(std::move(ac));

@@ -57,8 +57,8 @@ void update_segment(const UpdateItem& it, int64_t lo, int64_t hi, double wd_) {
   }
 }
 
-// Shared body. `outs` receives the targets (new tensors, or the params for in place; a
-// non-contiguous param is updated through a contiguous copy that is written back).
+// Shared body. `outs` receives the targets (new tensors laid out like the params, or the params
+// for in place; a param that is not dense is updated through a contiguous copy that is written back).
 void run_update(const char* op, at::TensorList params, at::TensorList grads, const double* lr,
                 at::TensorList lrs, double wd, bool inplace, std::vector<at::Tensor>* outs) {
   check_pairs(op, {"params", "grads"}, {params, grads});
@@ -72,7 +72,7 @@ void run_update(const char* op, at::TensorList params, at::TensorList grads, con
     shared = read_scalar(lrs[0]);
   }
   std::vector<UpdateItem> items(n);
-  std::vector<at::Tensor> keep;  // contiguous copies that must outlive the kernel
+  std::vector<at::Tensor> keep;  // copies that must outlive the kernel
   std::vector<int64_t> numels(n);
   std::vector<std::pair<size_t, at::Tensor>> writeback;
   outs->reserve(n);
@@ -81,13 +81,13 @@ void run_update(const char* op, at::TensorList params, at::TensorList grads, con
     UpdateItem& it = items[i];
     it.dtype = p.scalar_type();
     numels[i] = p.numel();
-    at::Tensor pc = p.contiguous(), gc = grads[i].contiguous();
+    at::Tensor pc = dense_ref(p), gc = as_layout(grads[i], pc);
     at::Tensor out;
     if (inplace) {
       out = pc;
-      if (!p.is_contiguous()) writeback.emplace_back(i, pc);
+      if (!pc.is_same(p)) writeback.emplace_back(i, pc);
     } else {
-      out = new_cpu_like(p);
+      out = new_cpu_like(pc);
     }
     it.p = pc.const_data_ptr();
     it.g = gc.const_data_ptr();
@@ -99,7 +99,7 @@ void run_update(const char* op, at::TensorList params, at::TensorList grads, con
       if (a.numel() == 1) {
         it.alpha = read_scalar(a);
       } else {
-        at::Tensor ac = opmath_or_same(a, it.dtype);
+        at::Tensor ac = opmath_or_same(a, pc);
         it.lr = ac.const_data_ptr();
         it.lr_dtype = ac.scalar_type();
         if (!ac.is_same(a)) keep.push_back(std::move(ac));

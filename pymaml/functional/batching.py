@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .buffers import has_batch_norm
 from .inner import Task, model_call
+from .layout import to_layout
 from .stacked import stacked_forward, stacked_task_losses
 
 __all__ = ["Unit", "make_units", "choose_batching"]
@@ -69,6 +70,11 @@ class Unit:
             self._vmapped = torch.func.vmap(self._task_loss, in_dims=(0, None, 0, 0), randomness="different")
         per_task, out = self._vmapped(list(theta), list(phi), x, y)
         return per_task.sum(), out
+
+    def to_layout(self, layout: str) -> None:
+        """Lays out the 4-D inputs (support and query x) in ``layout`` (see :mod:`.layout`)."""
+        self.support = (to_layout(self.support[0], layout), *self.support[1:])
+        self.query = (to_layout(self.query[0], layout), *self.query[1:])
 
     def stack(self, t: Tensor) -> Tensor:
         """θ (shared) → the unit's θ_0: expanded over tasks for a stack (a differentiable view)."""

@@ -46,6 +46,7 @@ from .batching import Unit, make_units
 from .buffers import RngTape, batch_norm_policy, has_randomness
 from .hvp import HVP_METHODS, StepGraph, hvp as _hvp, loss_and_grad
 from .inner import LrPlan, mul_lr, split_params
+from . import layout as _layout
 
 __all__ = ["MetaGradient", "meta_gradient", "ENGINES", "DEFAULT_HVP"]
 
@@ -66,7 +67,7 @@ class MetaGradient:
     query_outputs  per task, the model's output on the query set at θ_K
     support_loss   mean over tasks of L_s(θ_0), 0-d
     meta_loss      mean over tasks of the meta-loss (Σ_i w_i L_q(θ_i) with step weights, else query_loss)
-    engine, hvp, task_batching   what actually ran
+    engine, hvp, task_batching, memory_format   what actually ran
     """
     grads: Dict[str, Tensor]
     lr_grads: object
@@ -77,6 +78,7 @@ class MetaGradient:
     engine: str = ""
     hvp: Optional[str] = None
     task_batching: str = ""
+    memory_format: str = ""
 
 
 class _Acc:
@@ -265,7 +267,8 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
                   params: Optional[Mapping[str, Tensor]] = None, steps: int = 1, lr=0.01,
                   engine: str = "auto", hvp: str = "auto", step_weights: Optional[Sequence] = None,
                   adapt: Optional[Iterable[str]] = None, task_batching: str = "auto",
-                  weight_decay: float = 0.0, keep_graphs_mib: float = DEFAULT_KEEP_GRAPHS_MIB) -> MetaGradient:
+                  weight_decay: float = 0.0, keep_graphs_mib: float = DEFAULT_KEEP_GRAPHS_MIB,
+                  memory_format: str = "auto") -> MetaGradient:
     """The exact (or first-order) MAML meta-gradient of the mean query loss over ``tasks``.
 
     model          any nn.Module; run through ``torch.func.functional_call`` on ``params``
@@ -292,6 +295,9 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
                    fits in this many MiB per task unit, and recomputes the others. Memory stays
                    flat in K (bounded by the budget); small models skip all recomputation. 0 gives
                    the pure recursion that stores only θ_0 … θ_K.
+    memory_format  "auto" | "channels_last" | "preserve": the layout the computation runs in; auto
+                   = channels-last for conv nets on the CPU (see :mod:`pymaml.functional.layout`).
+                   Gradients come back in each parameter's own layout either way.
 
     Nothing is modified: neither the module's parameters and buffers nor their ``.grad``.
     """
@@ -317,6 +323,12 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
     phi0 = [params[n] for n in names_fx]
     plan = LrPlan(op, lr, steps, names_ad, theta0)
     units, n_tasks, batched = make_units(model, loss_fn, names_ad, names_fx, tasks, task_batching)
+    layout = _layout.resolve(op, memory_format, model, theta0 + phi0, batched)
+    if layout != "preserve":
+        theta0 = [_layout.to_layout(t, layout) for t in theta0]
+        phi0 = [_layout.to_layout(t, layout) for t in phi0]
+        for unit in units:
+            unit.to_layout(layout)
     dev = theta0[0].device if theta0 else None
     tape = RngTape(has_randomness(model), dev)
     scale = 1.0 / n_tasks
@@ -339,9 +351,10 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
         hvp = "linear_head"
     grads = dict(zip(names_ad, acc.th))
     grads.update(zip(names_fx, acc.ph))
-    grads = {n: grads[n] for n in params}
-    return MetaGradient(grads=grads, lr_grads=plan.to_user(acc.lr), query_loss=acc.q * scale,
+    grads = {n: _layout.like(grads[n], p) for n, p in params.items()}
+    lr_acc = [_layout.like(g, leaf) for g, leaf in zip(acc.lr, plan.leaves)]
+    return MetaGradient(grads=grads, lr_grads=plan.to_user(lr_acc), query_loss=acc.q * scale,
                         query_outputs=acc.outputs, support_loss=acc.s * scale,
                         meta_loss=torch.as_tensor(acc.m) * scale, engine=engine,
                         hvp=None if engine != "recompute" else hvp,
-                        task_batching="vmap" if batched else "loop")
+                        task_batching="vmap" if batched else "loop", memory_format=layout)

@@ -89,14 +89,33 @@ class FlatPlan {
   int64_t total_ = 0;
 };
 
-// A new contiguous CPU tensor shaped like `like` (same dtype), allocated without going through the
-// dispatcher (at::empty costs a dispatcher round trip per output; lists have ~20 outputs).
-inline at::Tensor new_cpu_like(const at::Tensor& like) {
-  return at::Tensor(at::detail::empty_cpu(like.sizes(), like.scalar_type(), /*pin_memory=*/false,
-                                          at::MemoryFormat::Contiguous));
+// Element order. The kernels walk every tensor of index i of a list as one flat array, in the
+// memory order of a reference: the list's first operand when it is dense (non-overlapping, no gaps:
+// contiguous, channels_last or any other dense permutation), else its clone with the strides torch
+// infers for it (`dense_ref`; the rule of torch.empty_like). Other operands with other strides are read through a copy in that order
+// (`as_layout`), and outputs are allocated with the reference's strides (`new_cpu_like`), so a
+// channels_last list stays channels_last and nothing is copied when all operands agree.
+inline at::Tensor dense_ref(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() ? t : t.clone(at::MemoryFormat::Preserve);
 }
+
+// A new CPU tensor with the sizes and strides of `like` (a dense tensor), allocated without going
+// through the dispatcher (at::empty costs a dispatcher round trip per output; lists have ~20 outputs).
+inline at::Tensor new_cpu_like(const at::Tensor& like, at::ScalarType dtype) {
+  return at::Tensor(at::detail::empty_strided_cpu(like.sizes(), like.strides(), dtype, /*pin_memory=*/false));
+}
+inline at::Tensor new_cpu_like(const at::Tensor& like) { return new_cpu_like(like, like.scalar_type()); }
 inline at::Tensor new_cpu(at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::Tensor(at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, at::MemoryFormat::Contiguous));
+}
+
+// `t` (same sizes as `ref`, any dtype) with the strides of the dense `ref`: itself when they
+// already agree, else a copy.
+inline at::Tensor as_layout(const at::Tensor& t, const at::Tensor& ref) {
+  if (t.strides() == ref.strides()) return t;
+  at::Tensor out = new_cpu_like(ref, t.scalar_type());
+  out.copy_(t);
+  return out;
 }
 
 // Staging helpers: for T == opmath they are pass-through pointers.
@@ -205,12 +224,12 @@ inline at::ScalarType opmath_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
-// A companion tensor (per-element α) the kernels can read next to a tensor of dtype t: contiguous,
-// of dtype t or opmath(t); other dtypes are converted to opmath(t) (a copy).
-inline at::Tensor opmath_or_same(const at::Tensor& a, at::ScalarType t) {
-  const auto at_ = a.scalar_type();
-  if (at_ == t || at_ == opmath_dtype(t)) return a.contiguous();
-  return a.to(opmath_dtype(t)).contiguous();
+// A companion tensor (per-element α) the kernels can read next to `ref` (dense, dtype t): laid out
+// like ref, of dtype t or opmath(t); other dtypes are converted to opmath(t) (a copy).
+inline at::Tensor opmath_or_same(const at::Tensor& a, const at::Tensor& ref) {
+  const auto t = ref.scalar_type(), at_ = a.scalar_type();
+  if (at_ == t || at_ == opmath_dtype(t)) return as_layout(a, ref);
+  return as_layout(a.to(opmath_dtype(t)), ref);
 }
 
 }  // namespace cpu
