@@ -164,10 +164,11 @@ def test_anil_equals_maml_restricted_to_head(backend):
     assert float(res.grads["body.0.weight"].norm()) > 0
 
 
-def test_metasgd_step_size_gradients_match_autograd(backend):
-    model, tasks = mlp(), sin_tasks()
-    algo = MetaSGD(model, F.mse_loss, inner_lr=0.05, inner_steps=2)
-    with torch.no_grad():  # distinct per-element step sizes
+def check_metasgd(model, tasks, **kw):
+    """Meta-SGD with distinct per-element step sizes against plain autograd (float64): the result and
+    the step-size gradients in parameter order."""
+    algo = MetaSGD(model, F.mse_loss, inner_lr=0.05, inner_steps=2, **kw)
+    with torch.no_grad():
         for p in algo.lr.values():
             p.uniform_(0.01, 0.1)
     res = algo.meta_gradient(tasks)
@@ -177,6 +178,26 @@ def test_metasgd_step_size_gradients_match_autograd(backend):
     assert rel(list(res.grads.values()), list(ref.values())) < 1e-10
     got_a = [res.extra_grads["lr." + n.replace(".", "__")] for n in names]
     assert rel(got_a, ref_a) < 1e-10
+    return res, got_a
+
+
+def test_metasgd_step_size_gradients_match_autograd(backend):
+    check_metasgd(mlp(), sin_tasks())
+
+
+@pytest.mark.parametrize("memory_format", ["auto", "preserve"])
+def test_metasgd_conv_net_channels_last_matches_autograd(backend, memory_format):
+    """A conv net runs channels-last by default on the CPU; the per-element step sizes and their
+    gradients stay in the parameters' own layout and match plain autograd (float64)."""
+    from pymaml.models import ConvNet
+    torch.manual_seed(0)
+    model = ConvNet(in_channels=2, ways=3, hidden=4, image_size=8, blocks=2, batch_norm=False).double()
+    g = torch.Generator().manual_seed(1)
+    tasks = [Task(*[(torch.randn(6, 2, 8, 8, generator=g, dtype=torch.float64),
+                     torch.randn(6, 3, generator=g, dtype=torch.float64)) for _ in range(2)]) for _ in range(2)]
+    res, got_a = check_metasgd(model, tasks, memory_format=memory_format)
+    assert res.info["memory_format"] == ("channels_last" if memory_format == "auto" else "preserve")
+    assert all(t.is_contiguous() for t in list(res.grads.values()) + got_a)
 
 
 @pytest.mark.parametrize("engine", ["recompute", "unrolled"])

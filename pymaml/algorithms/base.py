@@ -93,6 +93,7 @@ class Algorithm(nn.Module):
     hvp            HVP method for ``recompute`` ("auto", "double_backward", "jvp", "finite_difference")
     task_batching  "auto", "vmap" or "loop"
     weight_decay   inner-loop L2 term
+    memory_format  "auto", "channels_last" or "preserve" (:mod:`pymaml.functional.layout`)
     """
 
     name = "base"
@@ -100,7 +101,7 @@ class Algorithm(nn.Module):
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *, inner_lr: float = 0.01,
                  inner_steps: int = 1, eval_steps: Optional[int] = None, engine: str = "auto", hvp: str = "auto",
-                 task_batching: str = "auto", weight_decay: float = 0.0):
+                 task_batching: str = "auto", weight_decay: float = 0.0, memory_format: str = "auto"):
         super().__init__()
         if not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"{self.name}: inner_steps must be a non-negative int, got {inner_steps!r}")
@@ -111,6 +112,7 @@ class Algorithm(nn.Module):
         self.eval_steps = inner_steps if eval_steps is None else int(eval_steps)
         self.engine, self.hvp, self.task_batching = engine, hvp, task_batching
         self.weight_decay = float(weight_decay)
+        self.memory_format = memory_format
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 
     # -- what subclasses override -------------------------------------------------------------
@@ -135,11 +137,13 @@ class Algorithm(nn.Module):
         lr = self.step_sizes(self.inner_steps)
         res = _meta_gradient(self.model, tasks, self.loss_fn, params=self.params(), steps=self.inner_steps, lr=lr,
                              adapt=self.adapted_names(), task_batching=self.task_batching,
-                             weight_decay=self.weight_decay, **self.engine_settings())
+                             weight_decay=self.weight_decay, memory_format=self.memory_format,
+                             **self.engine_settings())
         self.iteration += 1
         return MetaStep(grads=res.grads, extra_grads=self.lr_grads_to_params(res.lr_grads),
                         query_loss=res.query_loss, query_outputs=res.query_outputs, support_loss=res.support_loss,
-                        info={"engine": res.engine, "hvp": res.hvp, "task_batching": res.task_batching})
+                        info={"engine": res.engine, "hvp": res.hvp, "task_batching": res.task_batching,
+                              "memory_format": res.memory_format})
 
     def lr_grads_to_params(self, lr_grads) -> Dict[str, Tensor]:
         """Maps the engine's ``lr_grads`` (in the structure of ``step_sizes``) to our parameters."""
