@@ -141,8 +141,10 @@ def child(spec: dict) -> None:
     sampler.join()
     ru1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak = max(sampler.peak, ru1 if ru1 > ru0 else 0)
+    import pymaml
     print(json.dumps({"status": "ok", "time_s": min(times), "peak_mib": (peak - base) / 2**20,
                       "baseline_mib": base / 2**20, "batching": res.task_batching,
+                      "memory_format": res.memory_format, "backend": pymaml.backend(),
                       "query_loss": float(res.query_loss)}), flush=True)
 
 
@@ -331,13 +333,15 @@ def main():
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared), torch "
                f"{torch.__version__}, {args.threads} intra-op thread(s), float32, "
                f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold_mib:g} MiB")
-    try:
-        import pymaml
-        backend = pymaml.backend() if hasattr(pymaml, "backend") else "reference (pymaml.ops not dispatching yet)"
-    except Exception as exc:  # report, do not fail the benchmark
-        backend = f"unknown ({exc})"
+    # what the points ran (each child reports its own backend and layout)
+    ran = [r for r in results.values() if r.get("status") == "ok"]
+    backend = ", ".join(sorted({r.get("backend", "?") for r in ran})) or "none ran"
+    layouts = "; ".join(f"{w}: " + ", ".join(sorted({r.get("memory_format", "?") for (w2, *_), r in results.items()
+                                                   if w2 == w and r.get("status") == "ok"}))
+                        for w in args.workloads)
     cmd = "nice python benchmarks/bench_engine.py " + " ".join(a for a in sys.argv[1:])
-    parts = [f"Machine: {machine}; pymaml ops backend: {backend}. Total benchmark time {time.time() - t_start:.0f} s.",
+    parts = [f"Machine: {machine}; pymaml ops backend: {backend}; memory format: {layouts}. "
+             f"Total benchmark time {time.time() - t_start:.0f} s.",
              f"Command: `{cmd.strip()}`"]
     for w in args.workloads:
         b = "vmap" if w == "sinusoid" else "loop"
