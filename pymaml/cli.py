@@ -20,6 +20,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="meta-gradient engine for second-order algorithms (auto = recompute)")
     t.add_argument("--hvp", default="auto", choices=["auto", "double_backward", "jvp", "finite_difference"])
     t.add_argument("--task-batching", default="auto", choices=["auto", "vmap", "loop"])
+    t.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "preserve"],
+                   help="layout of the meta-gradient computation (auto: channels-last for conv nets on the CPU)")
     t.add_argument("--data", default="data/omniglot",
                    help="folder with images_background.zip and images_evaluation.zip (downloaded if missing)")
     t.add_argument("--ways", type=int)
@@ -82,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             extra[k] = getattr(args, k)
     cfg = TrainConfig(
         task=args.task, algorithm=args.algorithm, engine=args.engine, hvp=args.hvp,
-        task_batching=args.task_batching, iterations=args.iterations, meta_batch=args.meta_batch,
+        task_batching=args.task_batching, memory_format=args.memory_format, iterations=args.iterations, meta_batch=args.meta_batch,
         inner_lr=args.inner_lr, inner_steps=args.inner_steps, eval_steps=args.eval_steps, outer_lr=args.outer_lr,
         ways=args.ways, shots=args.shots, queries=args.queries, eval_every=args.eval_every,
         eval_tasks=args.eval_tasks, test_tasks=args.test_tasks, data=args.data,

@@ -55,6 +55,7 @@ class TrainConfig:
     engine: str = "auto"
     hvp: str = "auto"
     task_batching: str = "auto"
+    memory_format: str = "auto"
     iterations: Optional[int] = None
     meta_batch: Optional[int] = None
     inner_lr: Optional[float] = None
@@ -265,7 +266,7 @@ def _plot_fits(path: str, job: "_Job", algo, seed: int, title: str) -> None:
 
 def _algo_settings(c: TrainConfig) -> dict:
     s = dict(inner_lr=c.inner_lr, inner_steps=c.inner_steps, eval_steps=c.eval_steps, engine=c.engine,
-             hvp=c.hvp, task_batching=c.task_batching)
+             hvp=c.hvp, task_batching=c.task_batching, memory_format=c.memory_format)
     s.update(c.algo_settings)
     return s
 
@@ -378,7 +379,8 @@ def train(config: TrainConfig) -> dict:
         "train_minutes": elapsed / 60.0, "test_seconds": test_time, "metric": job.metric,
         "test": final, "last_eval": hist["eval"][-1] if hist["eval"] else None,
         "engine": last_info.get("engine"), "hvp": last_info.get("hvp"),
-        "task_batching": last_info.get("task_batching"), "backend": backend_summary(),
+        "task_batching": last_info.get("task_batching"), "memory_format": last_info.get("memory_format"),
+        "backend": backend_summary(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "config": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("progress", "plots")},
     }
@@ -419,7 +421,7 @@ def format_summary(s: dict) -> str:
              f"- iterations: {s['iterations']}{' (stopped by the time limit)' if s['stopped_by_time_limit'] else ''}, "
              f"training time {s['train_minutes']:.1f} min, final test {s['test_seconds']:.0f} s",
              f"- engine: {s['engine']}, hvp: {s['hvp']}, task batching: {s['task_batching']}, "
-             f"torch threads: {s['threads']}",
+             f"memory format: {s.get('memory_format')}, torch threads: {s['threads']}",
              f"- kernels/backend: {s['backend']}", "",
              f"| inner steps at test | {s['metric']} | 95% CI | tasks |", "| --- | --- | --- | --- |"]
     for k, v in s["test"].items():

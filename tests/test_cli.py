@@ -48,7 +48,7 @@ def test_cli_sinusoid_writes_summary_plots_and_learns(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "kernels/backend:" in text and "| 1 |" in text
     s = json.loads((out / "summary.json").read_text())
-    assert s["iterations"] == 400 and s["engine"] == "unrolled" and s["backend"]
+    assert s["iterations"] == 400 and s["engine"] == "unrolled" and s["backend"] and s["memory_format"] == "preserve"
     assert (out / "curves.png").stat().st_size > 1000 and (out / "fits.png").stat().st_size > 1000
     losses = s["config"] and json.loads((out / "summary.json").read_text())["last_eval"]
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -82,4 +82,5 @@ def test_omniglot_job_runs_and_reports(tmp_path):
     s = train(_cfg(tmp_path, "omni", task="omniglot", data=DATA, iterations=4, meta_batch=4, eval_every=2,
                    eval_tasks=4, test_tasks=8, algorithm="fomaml"))
     assert s["metric"] == "accuracy" and set(s["test"]) == {"1_steps", "3_steps"}
+    assert s["memory_format"] == "channels_last"  # the conv net runs channels-last on the CPU
     assert 0.0 <= s["test"]["3_steps"]["mean"] <= 1.0
