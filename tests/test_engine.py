@@ -234,6 +234,43 @@ def test_finite_difference_close(setup):
     assert rel(lr_grads_flat(lr, res.lr_grads), ref_lr) < 1e-6
 
 
+@pytest.mark.parametrize("offset,kink_found", [(2e-6, True), (1e-13, False)])
+def test_finite_difference_steps_around_a_relu_kink(offset, kink_found):
+    """A hidden unit whose pre-activation on one support point sits ``offset`` above 0, and a
+    direction u along its bias: θ − εu (ε = ε₀ ≈ 6e-6 in float64) switches the ReLU off, so the plain
+    central difference carries the gradient jump divided by ε. Given ∇L(θ), the HVP sees the one-sided
+    halves disagree and retries with ε/8, which no longer crosses (2e-6); a kink closer than every ε
+    tried (1e-13) is reported with a RuntimeWarning."""
+    from pymaml.functional.batching import make_units
+    from pymaml.functional.buffers import batch_norm_policy
+    from pymaml.functional.hvp import hvp, loss_and_grad
+    torch.manual_seed(0)
+    model = MLP((1, 4, 1))
+    xs, ys = torch.linspace(-1, 1, 6).reshape(6, 1) + 0.3, torch.randn(6, 1)
+    with torch.no_grad():
+        w0 = model.body[0].weight[0, 0]
+        model.body[0].bias[0] = offset - w0 * xs[0, 0]
+    names = [n for n, _ in model.named_parameters()]
+    unit = make_units(model, F.mse_loss, names, [], [Task((xs, ys), (xs, ys))], "loop")[0][0]
+    theta = [p.detach() for p in model.parameters()]
+    u = [torch.zeros_like(t) for t in theta]
+    u[names.index("body.0.bias")][0] = 1.0
+    with batch_norm_policy(model):
+        exact = flat(dict(zip(names, hvp("double_backward", unit, theta, [], u)[1])))
+        plain = flat(dict(zip(names, hvp("finite_difference", unit, theta, [], u)[1])))
+        g = loss_and_grad(unit, theta, [], "s")[2]
+        if kink_found:
+            robust = flat(dict(zip(names, hvp("finite_difference", unit, theta, [], u, grad=g)[1])))
+        else:
+            with pytest.warns(RuntimeWarning, match="gradient jump"):
+                robust = flat(dict(zip(names, hvp("finite_difference", unit, theta, [], u, grad=g)[1])))
+    assert rel(plain, exact) > 1e-2  # the plain difference is wrong here: the test can fail
+    if kink_found:
+        assert rel(robust, exact) < 1e-6
+    else:
+        assert torch.equal(robust, plain)  # the default-ε result, flagged
+
+
 @pytest.mark.parametrize("setup", ["mlp", "conv"])
 def test_first_order_is_query_gradient_at_theta_K(setup):
     model, tasks, loss_fn = SETUPS[setup](n_tasks=1)

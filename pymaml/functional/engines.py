@@ -220,7 +220,7 @@ def _recompute(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale
             g, hu, mu = sg.hvp(u)
             del sg
         else:
-            g, hu, mu = _hvp(hvp_method, unit, thetas[i], phi, u, replay)
+            g, hu, mu = _hvp(hvp_method, unit, thetas[i], phi, u, replay, grad=fs["gs"][i] if fs["gs"] else None)
         if g is None:
             g = fs["gs"][i]
         ph_acc = [a - m for a, m in zip(ph_acc, mu)]
