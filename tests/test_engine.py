@@ -548,6 +548,39 @@ def test_memory_format_channels_last(in_channels, engine, hvp, keep):
         assert res.lr_grads[n].stride() == lr[n].stride(), n
 
 
+class _ViewNet(nn.Module):
+    """A conv net written the NCHW way: ``.view`` of a conv activation (fails in channels-last)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.conv(x)))
+        return self.head(h.view(h.size(0), -1))
+
+
+def test_memory_format_auto_falls_back_for_nchw_only_models():
+    """auto tries channels-last, meets the model's .view, warns and runs it as given, with the same
+    random numbers (dropout) a preserve run draws; an explicit channels_last request raises."""
+    torch.manual_seed(0)
+    model = _ViewNet()
+    tasks = [Task((torch.randn(6, 3, 6, 6), torch.arange(3).repeat(2)),
+                  (torch.randn(6, 3, 6, 6), torch.arange(3).repeat(2))) for _ in range(2)]
+    kw = dict(steps=2, lr=0.1, task_batching="loop")
+    torch.manual_seed(5)
+    with pytest.warns(RuntimeWarning, match="failed in channels-last layout"):
+        res = meta_gradient(model, tasks, F.cross_entropy, **kw)
+    torch.manual_seed(5)
+    want = meta_gradient(model, tasks, F.cross_entropy, memory_format="preserve", **kw)
+    assert res.memory_format == "preserve"
+    assert rel(flat(res.grads), flat(want.grads)) == 0.0
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        meta_gradient(model, tasks, F.cross_entropy, memory_format="channels_last", **kw)
+
+
 def test_memory_format_auto_choice():
     model, tasks, loss_fn = mlp_setup()
     assert meta_gradient(model, tasks, loss_fn).memory_format == "preserve"

@@ -34,6 +34,7 @@ BatchNorm and dropout follow :mod:`pymaml.functional.buffers`; task batching
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -296,11 +297,36 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
                    flat in K (bounded by the budget); small models skip all recomputation. 0 gives
                    the pure recursion that stores only θ_0 … θ_K.
     memory_format  "auto" | "channels_last" | "preserve": the layout the computation runs in; auto
-                   = channels-last for conv nets on the CPU (see :mod:`pymaml.functional.layout`).
-                   Gradients come back in each parameter's own layout either way.
+                   = channels-last for conv nets on the CPU (see :mod:`pymaml.functional.layout`),
+                   falling back to "preserve" with a warning when the model fails in channels-last
+                   (a ``.view`` that assumes NCHW strides). Gradients come back in each
+                   parameter's own layout either way.
 
     Nothing is modified: neither the module's parameters and buffers nor their ``.grad``.
     """
+    kw = dict(params=params, steps=steps, lr=lr, engine=engine, hvp=hvp, step_weights=step_weights, adapt=adapt,
+              task_batching=task_batching, weight_decay=weight_decay, keep_graphs_mib=keep_graphs_mib)
+    first = next(iter((params or dict(model.named_parameters())).values()), None)
+    tape = RngTape(memory_format == "auto" and has_randomness(model),
+                   first.device if isinstance(first, Tensor) else None)
+    state = tape.capture()
+    try:
+        return _meta_gradient(model, tasks, loss_fn, memory_format=memory_format, **kw)
+    except RuntimeError as e:
+        if memory_format != "auto" or not _layout.is_layout_error(e):
+            raise
+    # A model that assumes NCHW strides (typically ``x.view(x.size(0), -1)`` after the convolutions)
+    # cannot run channels-last: run it as given, with the random numbers the first try saw.
+    warnings.warn("meta_gradient: the model failed in channels-last layout (probably a .view() of a conv "
+                  "activation; .reshape() or torch.flatten() work in any layout), so it runs in the layout "
+                  "given; pass memory_format='preserve' to skip the attempt", RuntimeWarning, stacklevel=2)
+    tape.restore(state)
+    return _meta_gradient(model, tasks, loss_fn, memory_format="preserve", **kw)
+
+
+def _meta_gradient(model, tasks, loss_fn, *, params, steps, lr, engine, hvp, step_weights, adapt, task_batching,
+                   weight_decay, keep_graphs_mib, memory_format) -> MetaGradient:
+    """:func:`meta_gradient` in one memory format (the arguments are its own)."""
     op = "meta_gradient"
     if params is None:
         params = dict(model.named_parameters())

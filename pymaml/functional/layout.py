@@ -21,6 +21,10 @@ computation up to floating-point rounding (the convolutions may sum in another o
     As above, whatever the device and model.
 ``"preserve"``
     The tensors as given.
+
+A model that assumes NCHW strides, typically ``x.view(x.size(0), -1)`` on a conv activation, raises
+in channels-last; under ``"auto"`` :func:`~pymaml.functional.meta_gradient` then warns and runs it
+as given (``.reshape`` and ``torch.flatten`` work in any layout).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MEMORY_FORMATS", "resolve", "to_layout", "like"]
+__all__ = ["MEMORY_FORMATS", "resolve", "to_layout", "like", "is_layout_error"]
 
 MEMORY_FORMATS = ("auto", "channels_last", "preserve")
 
@@ -66,3 +70,8 @@ def like(g: Optional[Tensor], ref: Tensor) -> Optional[Tensor]:
     if out.stride() == g.stride():
         return g
     return out.copy_(g)
+
+
+def is_layout_error(e: BaseException) -> bool:
+    """Whether ``e`` is torch's error for a ``.view`` that the strides do not allow."""
+    return isinstance(e, RuntimeError) and "view size is not compatible with input tensor's size and stride" in str(e)
