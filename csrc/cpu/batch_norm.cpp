@@ -45,6 +45,17 @@ struct Args {
   }
 };
 
+// f(begin, end) over [0, n): on the calling thread for small tensors (`elems` < 32768: a fork/join
+// costs more) or inside a parallel region, else one at::parallel_for.
+template <typename F>
+void for_range(int64_t n, int64_t elems, const F& f) {
+  if (elems < 32768 || at::in_parallel_region()) {
+    f(int64_t{0}, n);
+  } else {
+    at::parallel_for(0, n, 1, f);
+  }
+}
+
 // Contiguous [N, C, S]: channels in parallel, each a run of N rows of S elements.
 template <typename T>
 void run_nchw(const T* gy, const T* x, const T* gg, T* ggy_out, T* gx_out, const Args& A, int64_t n, int64_t s) {
@@ -98,13 +109,9 @@ void run_nchw(const T* gy, const T* x, const T* gg, T* ggy_out, T* gx_out, const
       });
     }
   };
-  if (n * s * c < 32768 || at::in_parallel_region()) {
-    for (int64_t ch = 0; ch < c; ++ch) channel(ch);
-  } else {
-    at::parallel_for(0, c, 1, [&](int64_t b, int64_t e) {
-      for (int64_t ch = b; ch < e; ++ch) channel(ch);
-    });
-  }
+  for_range(c, n * s * c, [&](int64_t b, int64_t e) {
+    for (int64_t ch = b; ch < e; ++ch) channel(ch);
+  });
 }
 
 // Channels-last [M, C] (rows of C channels): vectorised across channels. Pass 1 sums blocks of
@@ -121,16 +128,8 @@ void run_channels_last(const T* gy, const T* x, const T* gg, T* ggy_out, T* gx_o
     mu[ch] = static_cast<T>(A.mean[ch]);
     rr[ch] = static_cast<T>(A.r[ch]);
   }
-  const bool serial = rows * c < 32768 || at::in_parallel_region();
-  auto parallel = [&](int64_t n, const auto& f) {
-    if (serial) {
-      f(0, n);
-    } else {
-      at::parallel_for(0, n, 1, f);
-    }
-  };
   std::vector<double> partial(blocks * 5 * c, 0.0);
-  parallel(blocks, [&](int64_t b0, int64_t b1) {
+  for_range(blocks, rows * c, [&](int64_t b0, int64_t b1) {
     std::vector<T> acc(5 * c);
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(acc.begin(), acc.end(), T(0));
@@ -168,7 +167,7 @@ void run_channels_last(const T* gy, const T* x, const T* gg, T* ggy_out, T* gx_o
   }
   const T *xa_g = cf.data(), *xa_gy = xa_g + c, *xk = xa_gy + c, *xa_0 = xk + c, *ya_g = xa_0 + c,
           *ya_x = ya_g + c, *ya_0 = ya_x + c;
-  parallel(blocks, [&](int64_t b0, int64_t b1) {
+  for_range(blocks, rows * c, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0 * kRows, e = std::min(rows, b1 * kRows); i < e; ++i) {
       const int64_t off = i * c;
       vec_loop<T>(c, [&](int64_t j, int64_t k) {

@@ -58,7 +58,7 @@ void update_segment(const UpdateItem& it, int64_t lo, int64_t hi, double wd_) {
 }
 
 // Shared body. `outs` receives the targets (new tensors laid out like the params, or the params
-// for in place; a param that is not dense is updated through a contiguous copy that is written back).
+// for in place; a param that is not dense is updated through a dense clone that is written back).
 void run_update(const char* op, at::TensorList params, at::TensorList grads, const double* lr,
                 at::TensorList lrs, double wd, bool inplace, std::vector<at::Tensor>* outs) {
   check_pairs(op, {"params", "grads"}, {params, grads});

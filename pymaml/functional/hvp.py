@@ -129,13 +129,13 @@ def _second(g, th, ph, u):
     return h[:n], h[n:]
 
 
-def _double_backward(unit, theta, phi, u, replay):
+def _double_backward(unit, theta, phi, u, replay, grad=None):
     if replay:
         replay()
     return StepGraph(unit, theta, phi).hvp(u)
 
 
-def _jvp(unit, theta, phi, u, replay):
+def _jvp(unit, theta, phi, u, replay, grad=None):
     if replay:
         replay()
     th = [t.detach() for t in theta]
@@ -223,6 +223,4 @@ def hvp(method: str, unit, theta: Sequence[Tensor], phi: Sequence[Tensor], u: Se
         fn = _IMPL[method]
     except KeyError:
         raise ValueError(f"hvp: method must be one of {HVP_METHODS}, got {method!r}") from None
-    if method == "finite_difference":
-        return fn(unit, theta, phi, u, replay, grad)
-    return fn(unit, theta, phi, u, replay)
+    return fn(unit, theta, phi, u, replay, grad)

@@ -57,8 +57,10 @@ def to_layout(t: Tensor, layout: str) -> Tensor:
     "contiguous": ``t.contiguous(memory_format=...)`` would leave such a tensor NCHW, and a conv of
     NCHW input and weight then returns NCHW, sending the rest of the net back to it."""
     if layout == "channels_last" and isinstance(t, Tensor) and t.dim() == 4:
-        out = torch.empty_like(t, memory_format=torch.channels_last)
-        return t if out.stride() == t.stride() else out.copy_(t)
+        # torch's channels-last strides for this shape, from a meta tensor (nothing allocated)
+        want = torch.empty(t.shape, device="meta", memory_format=torch.channels_last).stride()
+        if t.stride() != want:
+            return torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
     return t
 
 

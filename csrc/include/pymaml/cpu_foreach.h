@@ -92,9 +92,10 @@ class FlatPlan {
 // Element order. The kernels walk every tensor of index i of a list as one flat array, in the
 // memory order of a reference: the list's first operand when it is dense (non-overlapping, no gaps:
 // contiguous, channels_last or any other dense permutation), else its clone with the strides torch
-// infers for it (`dense_ref`; the rule of torch.empty_like). Other operands with other strides are read through a copy in that order
-// (`as_layout`), and outputs are allocated with the reference's strides (`new_cpu_like`), so a
-// channels_last list stays channels_last and nothing is copied when all operands agree.
+// infers for it (`dense_ref`; the rule of torch.empty_like). Other operands with other strides are
+// read through a copy in that order (`as_layout`), and outputs are allocated with the reference's
+// strides (`new_cpu_like`), so a channels_last list stays channels_last and nothing is copied when
+// all operands agree.
 inline at::Tensor dense_ref(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() ? t : t.clone(at::MemoryFormat::Preserve);
 }

@@ -13,11 +13,11 @@
 //   depend on the number of threads (deterministic).
 // * Layout (CPU kernels): index i of every list is walked in the memory order of its first operand
 //   when that is dense (contiguous, channels_last, any dense permutation), else of its clone with
-//   the strides torch.empty_like would give; operands with other strides are read through a copy in that order; outputs of the
-//   out-of-place ops are new tensors with those strides (a channels_last list stays channels_last);
-//   in-place ops write targets that are not dense back with copy_. CUDA kernels read
-//   non-contiguous inputs through .contiguous() copies and return contiguous outputs. No kernel
-//   reads data_ptr of a tensor that did not pass these checks.
+//   the strides torch.empty_like would give; operands with other strides are read through a copy
+//   in that order; outputs of the out-of-place ops are new tensors with those strides (a
+//   channels_last list stays channels_last); in-place ops write targets that are not dense back
+//   with copy_. CUDA kernels read non-contiguous inputs through .contiguous() copies and return
+//   contiguous outputs. No kernel reads data_ptr of a tensor that did not pass these checks.
 // * Empty tensors are skipped (their outputs are empty tensors).
 // * Step sizes `lrs` (Tensor[]): empty = "the float form is used" (only where the schema has a float);
 //   one entry while params has n != 1 entries = shared by every parameter (must hold one number);
