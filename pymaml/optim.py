@@ -13,6 +13,16 @@ all-reduce in between calls :meth:`backward` instead: it only ADDS the meta-grad
 of the model's parameters and of the algorithm's learned step sizes (as ``loss.backward()`` would)
 and leaves the optimizer alone. The learned step sizes (Meta-SGD, MAML++) are added to the outer
 optimizer as an extra parameter group when it does not hold them yet.
+
+Data parallel (``torchrun``, one process per device): ``distributed=True`` makes each process pass
+its own share of the meta-batch to :meth:`step`/:meth:`backward`; the meta-gradients are then
+reduced across processes so that every process steps as one process would on the whole
+meta-batch (:mod:`pymaml.distributed`, ``docs/distributed.md``)::
+
+    pymaml.distributed.init_from_env()                  # gloo on CPU, NCCL on GPU
+    meta = pymaml.MetaOptimizer(model, opt, "maml", F.cross_entropy, distributed=True)
+    start, stop = pymaml.distributed.shard(meta_batch)  # this rank's global task indices
+    stats = meta.step(sampler.tasks(range(it * meta_batch + start, it * meta_batch + stop)))
 """
 from __future__ import annotations
 
@@ -21,6 +31,7 @@ from typing import Callable, Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from . import distributed as _dist
 from . import ops
 from .algorithms import Algorithm, make
 
@@ -38,12 +49,24 @@ class MetaOptimizer:
         max_grad_norm: clip the global norm of every meta-gradient in :meth:`step` (None: no clip).
         step_size_lr: outer learning rate of the learned step sizes' group (default: the first
             group's ``lr``).
+        distributed: data-parallel over the default (or ``group``) process group of
+            ``torch.distributed``: parameters are broadcast from rank 0 here, each call to
+            :meth:`backward` takes this rank's share of the meta-batch (possibly empty) and leaves in
+            ``.grad`` the meta-gradient of the whole meta-batch, and :meth:`step` checks every
+            ``check_every`` steps that the parameters are still identical on every rank
+            (:class:`pymaml.distributed.ParameterDriftError` otherwise; 0: never).
         **settings: the algorithm's settings (``inner_lr``, ``inner_steps``, ``engine``, ...).
     """
 
     def __init__(self, model: nn.Module, outer_optimizer: torch.optim.Optimizer,
                  algorithm: Union[str, Algorithm] = "maml", loss_fn: Optional[Callable] = None, *,
-                 max_grad_norm: Optional[float] = None, step_size_lr: Optional[float] = None, **settings):
+                 max_grad_norm: Optional[float] = None, step_size_lr: Optional[float] = None,
+                 distributed: bool = False, check_every: int = 100, group=None, **settings):
+        _dist.reject_ddp(model, "MetaOptimizer")
+        if distributed and not _dist.is_initialized():
+            raise RuntimeError("MetaOptimizer(distributed=True): torch.distributed is not initialized; call "
+                               "pymaml.distributed.init_from_env() (under torchrun) or "
+                               "torch.distributed.init_process_group() first")
         if isinstance(algorithm, Algorithm):
             if settings or loss_fn is not None:
                 raise ValueError("MetaOptimizer: pass settings and loss_fn to the Algorithm, not here, "
@@ -62,6 +85,14 @@ class MetaOptimizer:
             lr = step_size_lr if step_size_lr is not None else outer_optimizer.param_groups[0]["lr"]
             outer_optimizer.add_param_group({"params": extra, "lr": lr})
         self.last_info: Dict[str, object] = {}
+        self.distributed, self.check_every, self.group, self.steps_done = distributed, int(check_every), group, 0
+        if distributed:
+            _dist.broadcast_module(self._state_tensors(), group=group)
+
+    def _state_tensors(self):
+        """What must be identical on every rank: parameters and buffers of the model and algorithm."""
+        return [*self.model.parameters(), *self.model.buffers(), *self.algorithm.parameters(),
+                *self.algorithm.buffers()]
 
     def parameters(self):
         """Every tensor that receives a meta-gradient: the model's, then the algorithm's."""
@@ -87,13 +118,17 @@ class MetaOptimizer:
 
     def backward(self, tasks) -> Dict[str, float]:
         """Adds the meta-gradient of the mean query loss over ``tasks`` into ``.grad``; returns
-        ``{"query_loss", "support_loss"[, "accuracy"]}`` (accuracy for integer class targets)."""
+        ``{"query_loss", "support_loss"[, "accuracy"]}`` (accuracy for integer class targets).
+        With ``distributed=True``, ``tasks`` is this rank's share (``None`` or empty for none) and
+        the gradient and the statistics are those of the whole meta-batch."""
+        if self.distributed:
+            return self._distributed_backward(tasks)
         res = self.algorithm.meta_gradient(tasks)
+        own = dict(self.algorithm.named_parameters())
         for name, p in self.model.named_parameters():
             g = res.grads.get(name)
             if g is not None and p.requires_grad:
                 self._accumulate(p, g)
-        own = dict(self.algorithm.named_parameters())
         for name, g in res.extra_grads.items():
             self._accumulate(own[name], g)
         self.last_info = dict(res.info)
@@ -103,6 +138,29 @@ class MetaOptimizer:
             stats["accuracy"] = acc
         return stats
 
+    def _distributed_backward(self, tasks) -> Dict[str, float]:
+        n = task_count(tasks)
+        named = [(n_, p) for n_, p in self.model.named_parameters() if p.requires_grad]
+        named += [("algorithm." + n_, p) for n_, p in self.algorithm.named_parameters()]
+        grads, stats, acc = {}, [0.0, 0.0, 0.0], None
+        if n > 0:
+            res = self.algorithm.meta_gradient(tasks)
+            grads = dict(res.grads)
+            grads.update({"algorithm." + k: g for k, g in res.extra_grads.items()})
+            acc = query_accuracy(tasks, res.query_outputs)
+            stats = [res.query_loss, res.support_loss, 0.0 if acc is None else acc]
+            self.last_info = dict(res.info)
+        else:  # an empty share: zeros into the same collectives; the algorithm's counter still advances
+            self.algorithm.iteration += 1
+        reduced, (q, s, a), total = _dist.reduce_grads(named, grads, n, stats, group=self.group)
+        for name, p in named:
+            if reduced[name] is not None:
+                self._accumulate(p, reduced[name])
+        out = {"query_loss": float(q), "support_loss": float(s), "tasks": total}
+        if acc is not None:
+            out["accuracy"] = float(a)
+        return out
+
     def step(self, tasks) -> Dict[str, float]:
         """zero_grad, :meth:`backward`, optional clipping, ``outer_optimizer.step()``."""
         self.zero_grad()
@@ -111,7 +169,16 @@ class MetaOptimizer:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             stats["grad_norm"] = float(ops.clip_grad_norm_(grads, self.max_grad_norm))
         self.optimizer.step()
+        self.steps_done += 1
+        if self.distributed and self.check_every and self.steps_done % self.check_every == 0:
+            self.check_in_sync()
         return stats
+
+    def check_in_sync(self) -> None:
+        """Raises :class:`pymaml.distributed.ParameterDriftError` on every rank when the parameters
+        differ between ranks (a no-op without ``distributed=True``)."""
+        if self.distributed:
+            _dist.check_in_sync(list(self.parameters()), group=self.group)
 
     def state_dict(self) -> dict:
         return {"algorithm": self.algorithm.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -119,6 +186,15 @@ class MetaOptimizer:
     def load_state_dict(self, state: dict) -> None:
         self.algorithm.load_state_dict(state["algorithm"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def task_count(tasks) -> int:
+    """How many tasks ``tasks`` holds (0 for None or an empty list)."""
+    from .algorithms.base import as_tasks
+    if tasks is None or (isinstance(tasks, (list, tuple)) and len(tasks) == 0):
+        return 0
+    t = as_tasks(tasks)
+    return len(t) if isinstance(t, list) else int(t.support[0].shape[0])
 
 
 def query_accuracy(tasks, outputs) -> Optional[float]:
