@@ -125,3 +125,30 @@ def test_omniglot_sampler_protocol_and_determinism():
     assert_state_round_trip(lambda: OmniglotTasks(ds, seed=3), 2)
     with pytest.raises(ValueError, match="exceeds 20 drawers"):
         OmniglotTasks(ds, shots=10, queries=11)
+
+
+def assert_split_invariant(sampler, other_seed):
+    """Tasks by global index: any split of a meta-batch gives the whole batch's tasks."""
+    whole = sampler.tasks(range(4, 9))
+    parts = [sampler.tasks(range(4, 7)), sampler.tasks([7]), sampler.tasks(range(8, 9))]
+    for i, w in enumerate(whole):
+        assert torch.equal(w, torch.cat([p[i] for p in parts]))
+    assert all(torch.equal(u, v) for u, v in zip(sampler.tasks([6]), [t[2:3] for t in whole]))
+    assert not torch.equal(other_seed.tasks(range(4, 9))[0], whole[0])
+    assert not torch.equal(sampler.tasks(range(5, 10))[0], whole[0])
+    empty = sampler.tasks(range(3, 3))
+    assert all(e.shape[0] == 0 and e.shape[1:] == w.shape[1:] and e.dtype == w.dtype for e, w in zip(empty, whole))
+    return whole
+
+
+def test_sinusoid_tasks_by_global_index():
+    x_s, y_s, x_q, y_q = assert_split_invariant(SinusoidTasks(10, 7, seed=3), SinusoidTasks(10, 7, seed=4))
+    assert x_s.shape == (5, 10, 1) and x_q.shape == (5, 7, 1)
+    assert float(x_s.abs().max()) <= 5 and float(y_q.abs().max()) <= 5
+
+
+@have_data
+def test_omniglot_tasks_by_global_index():
+    ds = Omniglot(DATA, "val", download=False)
+    x_s, y_s, _, _ = assert_split_invariant(OmniglotTasks(ds, seed=3), OmniglotTasks(ds, seed=4))
+    assert x_s.shape == (5, 5, 1, 28, 28) and sorted(y_s[0].tolist()) == list(range(5))

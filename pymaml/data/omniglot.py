@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .seeding import indices as _indices, task_rng
+
 log = logging.getLogger(__name__)
 
 ARCHIVES = ("images_background", "images_evaluation")
@@ -209,6 +211,8 @@ class OmniglotTasks:
     Labels are 0…ways−1 in a random order. ``sample(batch)`` returns float tensors
     x_s [batch, ways·shots, 1, 28, 28], y_s [batch, ways·shots] (int64), x_q, y_q likewise.
     The sampler's whole state is ``state_dict()`` (a numpy PCG64 state), for exact resumption.
+    ``tasks(indices)`` returns the tasks with the given global indices, each from its own stream of
+    (``seed``, index) (:mod:`pymaml.data.seeding`), independent of how a meta-batch is split.
     """
 
     def __init__(self, dataset: Omniglot, ways: int = 5, shots: int = 1, queries: int = 1,
@@ -221,7 +225,7 @@ class OmniglotTasks:
             raise ValueError(f"OmniglotTasks: shots + queries = {shots + queries} exceeds {DRAWERS} drawers")
         self.dataset, self.ways, self.shots, self.queries = dataset, ways, shots, queries
         self.rotations = np.asarray(rotations, dtype=np.int64)
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.seed = dtype, device, int(seed)
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
     def state_dict(self) -> dict:
@@ -230,26 +234,38 @@ class OmniglotTasks:
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["bit_generator"]
 
-    def _one(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _one(self, rng: Optional[np.random.Generator] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        rng = self.rng if rng is None else rng
         n, k, q = self.ways, self.shots, self.queries
-        chars = self.rng.choice(len(self.dataset), size=n, replace=False)
-        rots = self.rng.choice(self.rotations, size=n)
+        chars = rng.choice(len(self.dataset), size=n, replace=False)
+        rots = rng.choice(self.rotations, size=n)
         xs = np.empty((n, k + q) + self.dataset.images.shape[2:], dtype=np.uint8)
         for j, (c, r) in enumerate(zip(chars, rots)):
-            drawers = self.rng.choice(DRAWERS, size=k + q, replace=False)
+            drawers = rng.choice(DRAWERS, size=k + q, replace=False)
             xs[j] = np.rot90(self.dataset.images[c, drawers], k=int(r), axes=(1, 2))
         labels = np.repeat(np.arange(n), k + q).reshape(n, k + q)
-        perm = self.rng.permutation(n)  # random label assignment
+        perm = rng.permutation(n)  # random label assignment
         labels = perm[labels]
         sup = xs[:, :k].reshape((n * k,) + xs.shape[2:]), labels[:, :k].reshape(-1)
         qry = xs[:, k:].reshape((n * q,) + xs.shape[2:]), labels[:, k:].reshape(-1)
         return sup[0], sup[1], qry[0], qry[1]
 
     def sample(self, batch: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        parts = [self._one() for _ in range(batch)]
+        return self._stack([self._one() for _ in range(batch)])
+
+    def tasks(self, ix) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tasks with global indices ``ix`` (e.g. ``range(start, stop)``), stacked."""
+        return self._stack([self._one(task_rng(self.seed, i)) for i in _indices(ix)])
+
+    def _stack(self, parts):
+        side = self.dataset.images.shape[2:]
+        n_s, n_q = self.ways * self.shots, self.ways * self.queries
+        empty = [((n_s,) + side, np.uint8), ((n_s,), np.int64), ((n_q,) + side, np.uint8), ((n_q,), np.int64)]
+        def stack(i):
+            return np.stack([p[i] for p in parts]) if parts else np.empty((0,) + empty[i][0], empty[i][1])
         def images(i):
-            a = np.stack([p[i] for p in parts])[:, :, None]
+            a = stack(i)[:, :, None]
             return torch.from_numpy(a).to(device=self.device, dtype=self.dtype).div_(255.0)
         def labels(i):
-            return torch.from_numpy(np.stack([p[i] for p in parts])).to(device=self.device, dtype=torch.long)
+            return torch.from_numpy(stack(i)).to(device=self.device, dtype=torch.long)
         return images(0), labels(1), images(2), labels(3)
