@@ -1,4 +1,7 @@
-"""``pymaml`` command line: ``pymaml train sinusoid`` and ``pymaml train omniglot --data DIR``."""
+"""``pymaml`` command line: ``pymaml train sinusoid`` and ``pymaml train omniglot --data DIR``.
+
+Under ``torchrun --nproc-per-node N -m pymaml train ...`` the same job runs data-parallel on N
+processes (``docs/distributed.md``); rank 0 alone shows progress and writes the outputs."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +9,8 @@ import sys
 from typing import List, Optional
 
 from .algorithms import ALGORITHMS
+from .functional import ENGINES, HVP_METHODS
+from .functional.layout import MEMORY_FORMATS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -16,11 +21,11 @@ def _parser() -> argparse.ArgumentParser:
                                    "Unset numbers take the paper's settings for the task.")
     t.add_argument("task", choices=["sinusoid", "omniglot"])
     t.add_argument("--algorithm", default="maml", choices=sorted(ALGORITHMS))
-    t.add_argument("--engine", default="auto", choices=["auto", "recompute", "unrolled", "first_order"],
+    t.add_argument("--engine", default="auto", choices=["auto", *ENGINES],
                    help="meta-gradient engine for second-order algorithms (auto = recompute)")
-    t.add_argument("--hvp", default="auto", choices=["auto", "double_backward", "jvp", "finite_difference"])
+    t.add_argument("--hvp", default="auto", choices=["auto", *HVP_METHODS])
     t.add_argument("--task-batching", default="auto", choices=["auto", "vmap", "loop"])
-    t.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "preserve"],
+    t.add_argument("--memory-format", default="auto", choices=list(MEMORY_FORMATS),
                    help="layout of the meta-gradient computation (auto: channels-last for conv nets on the CPU)")
     t.add_argument("--data", default="data/omniglot",
                    help="folder with images_background.zip and images_evaluation.zip (downloaded if missing)")
@@ -37,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-tasks", type=int)
     t.add_argument("--test-tasks", type=int)
     t.add_argument("--checkpoint-every", type=int, default=500)
+    t.add_argument("--keep-checkpoints", type=int, default=3, help="numbered checkpoints kept in OUT")
+    t.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="under torchrun: seconds a rank waits for the others before stopping with an error")
     t.add_argument("--max-minutes", type=float, help="stop meta-training after this much training time")
     t.add_argument("--out", default=None, help="output folder (default runs/<task>-<algorithm>)")
     t.add_argument("--seed", type=int, default=0)
@@ -89,13 +97,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         ways=args.ways, shots=args.shots, queries=args.queries, eval_every=args.eval_every,
         eval_tasks=args.eval_tasks, test_tasks=args.test_tasks, data=args.data,
         out=args.out or f"runs/{args.task}-{args.algorithm}", seed=args.seed, resume=args.resume,
-        checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes, threads=args.threads,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+        dist_timeout=args.dist_timeout, max_minutes=args.max_minutes, threads=args.threads,
         progress=not args.no_progress, plots=not args.no_plots, algo_settings=extra)
+    from . import distributed as pdist
     try:
         summary = train(cfg)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"pymaml train: error: {e}", file=sys.stderr)
+        where = f" (rank {pdist.rank()} of {pdist.world_size()})" if pdist.world_size() > 1 else ""
+        print(f"pymaml train: error{where}: {e}", file=sys.stderr)
         return 2
+    finally:
+        if pdist.is_initialized():
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    if summary.get("rank", 0) != 0:
+        return 0
     print(format_summary(summary))
     print(f"\noutputs in {cfg.out}/ (summary.json, curves.png{', fits.png' if args.task == 'sinusoid' else ''}, "
           f"checkpoint.pt)")

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = ["is_initialized", "rank", "world_size", "shard", "local_share", "init_from_env", "reduce_sum",
            "bucket_mean", "reduce_grads", "reduce_meta_gradient", "broadcast_module", "check_in_sync",
-           "batch_norm_buffers", "average_buffers", "gather_objects", "reject_ddp", "ParameterDriftError"]
+           "batch_norm_buffers", "average_buffers", "gather_objects", "broadcast_object", "reject_ddp", "ParameterDriftError"]
 
 
 class ParameterDriftError(RuntimeError):
@@ -268,6 +268,16 @@ def gather_objects(obj, group=None) -> list:
     with _collective("gather_objects"):
         dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """Rank ``src``'s ``obj`` (picklable) on every rank."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    with _collective("broadcast_object"):
+        dist.broadcast_object_list(box, src, group=group)
+    return box[0]
 
 
 def reject_ddp(model: nn.Module, op: str) -> None:

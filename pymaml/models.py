@@ -4,6 +4,8 @@
 * :class:`ConvNet` — the 4-block convolutional net of the MAML paper: ``blocks`` × [3×3 conv
   (padding 1), BatchNorm, ReLU, 2×2 max-pool], flattened, then a linear head. Omniglot size is
   ``ConvNet(1, 5, 64, 28)``; MiniImageNet size is ``ConvNet(3, 5, 32, 84)``.
+* :class:`OmniglotNet` — the MAML paper's Omniglot network as the authors ran it: strided
+  convolutions instead of max-pooling (what ``pymaml train omniglot`` meta-trains).
 
 Both expose ``features(x)`` (everything but the last layer, flattened) and ``head`` (the last
 ``nn.Linear``), with ``forward(x) == head(features(x))``; head-only algorithms (ANIL) and the
@@ -16,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "ConvNet"]
+__all__ = ["MLP", "ConvNet", "OmniglotNet"]
 
 
 class MLP(nn.Module):
@@ -65,6 +67,27 @@ class ConvNet(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         return torch.flatten(self.body(x), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class OmniglotNet(nn.Module):
+    """The MAML paper's Omniglot network: 4 × [3×3 conv, stride 2, 64 filters, BatchNorm, ReLU]
+    (strided convolutions instead of max-pooling, as the paper states for Omniglot), spatial mean,
+    linear ``head``. 28×28 → 14 → 7 → 4 → 2."""
+
+    def __init__(self, ways: int = 5, hidden: int = 64, in_channels: int = 1, blocks: int = 4):
+        super().__init__()
+        layers, c = [], in_channels
+        for _ in range(blocks):
+            layers += [nn.Conv2d(c, hidden, 3, stride=2, padding=1), nn.BatchNorm2d(hidden), nn.ReLU()]
+            c = hidden
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(hidden, ways)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x).mean((2, 3))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))

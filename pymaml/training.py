@@ -4,19 +4,29 @@
 also written to ``OUT/summary.json`` and ``OUT/summary.md``). Everything it writes goes under
 ``config.out``:
 
-* ``checkpoint.pt``: model, outer optimizer, algorithm state (learned step sizes, iteration
-  counter), task-sampler state, the torch/numpy/python RNG states, the history and the elapsed
-  training time. ``resume=True`` continues from it and gives bit-identical parameters to an
-  uninterrupted run (same machine, same thread count).
+* ``checkpoint.pt`` (the newest of the last ``keep_checkpoints`` ``checkpoint-<iteration>.pt``,
+  written atomically by :mod:`pymaml.checkpoint`): model, outer optimizer, algorithm state
+  (learned step sizes, iteration counter), the torch/numpy/python RNG states, the history and the
+  elapsed training time. ``resume=True`` continues from it and gives bit-identical parameters to an
+  uninterrupted run (same machine, same thread count, same number of processes).
 * ``curves.png``: training query loss (and accuracy) and the periodic held-out evaluation with its
   95% confidence interval; ``fits.png`` for sinusoid: the fitted curves before and after adaptation.
 
-Evaluation tasks come from samplers with their own fixed seeds, so evaluating never changes the
-training stream: the same held-out tasks are used at every evaluation.
+Training task ``j`` of iteration ``t`` is the sampler's task ``t · meta_batch + j``, drawn from its
+own (seed, index) stream (:mod:`pymaml.data.seeding`). Evaluation tasks come from samplers with
+their own fixed seeds, so evaluating never changes the training stream: the same held-out tasks are
+used at every evaluation.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the job runs data-parallel (:mod:`pymaml.distributed`):
+each rank samples and meta-trains on its share of every meta-batch, the meta-gradients are reduced
+across ranks, evaluation tasks are shared out and their metrics gathered, and rank 0 alone shows
+the progress bar and writes the outputs. The final parameters are those of a single-process run up
+to rounding (the sums run in another order).
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -24,14 +34,16 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .algorithms import ALGORITHMS
+from . import checkpoint as ckpt
+from . import distributed as pdist
+from .algorithms import ALGORITHMS, Algorithm
+from .models import OmniglotNet  # noqa: F401  (also importable from here, as before)
 from .optim import MetaOptimizer
 
 log = logging.getLogger(__name__)
@@ -73,6 +85,8 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    dist_timeout: float = 300.0
     max_minutes: Optional[float] = None
     threads: Optional[int] = None
     progress: bool = True
@@ -89,27 +103,6 @@ class TrainConfig:
             if getattr(c, k) is None:
                 setattr(c, k, v)
         return c
-
-
-class OmniglotNet(nn.Module):
-    """The MAML paper's Omniglot network: 4 × [3×3 conv, stride 2, 64 filters, BatchNorm, ReLU]
-    (strided convolutions instead of max-pooling, as the paper states for Omniglot), spatial mean,
-    linear ``head``. 28×28 → 14 → 7 → 4 → 2."""
-
-    def __init__(self, ways: int = 5, hidden: int = 64, in_channels: int = 1, blocks: int = 4):
-        super().__init__()
-        layers, c = [], in_channels
-        for _ in range(blocks):
-            layers += [nn.Conv2d(c, hidden, 3, stride=2, padding=1), nn.BatchNorm2d(hidden), nn.ReLU()]
-            c = hidden
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(hidden, ways)
-
-    def features(self, x):
-        return self.body(x).mean((2, 3))
-
-    def forward(self, x):
-        return self.head(self.features(x))
 
 
 def confidence_interval(values) -> float:
@@ -157,109 +150,21 @@ class _Job:
             self.metric = "accuracy"
 
     def evaluate(self, algo, split: str, n: int, seed: int, steps: int, batch: int = 50) -> dict:
+        """Held-out tasks 0 … n−1 of the ``seed`` stream, shared out across ranks; every rank
+        returns the metrics of all n tasks."""
         sampler = self.eval_sampler(split, seed)
+        start, stop = pdist.shard(n)
         per_task = []
-        done = 0
-        while done < n:
-            b = min(batch, n - done)
-            x_s, y_s, x_q, y_q = sampler.sample(b)
+        for first in range(start, stop, batch):
+            x_s, y_s, x_q, y_q = sampler.tasks(range(first, min(first + batch, stop)))
             losses, outputs = algo.evaluate((x_s, y_s, x_q, y_q), steps)
             if self.metric == "accuracy":
                 per_task += [float((o.argmax(-1) == y).float().mean()) for o, y in zip(outputs, y_q)]
             else:
                 per_task += losses
-            done += b
+        per_task = [v for part in pdist.gather_objects(per_task) for v in part]
         return {"mean": float(np.mean(per_task)), "ci95": confidence_interval(per_task), "tasks": n,
                 "steps": steps}
-
-
-# -- checkpoints -----------------------------------------------------------------------------------
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-
-
-def _save(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# -- plots -----------------------------------------------------------------------------------------
-
-def _smooth(y, n=50):
-    y = np.asarray(y, dtype=np.float64)
-    if len(y) < n:
-        return y
-    k = np.ones(n) / n
-    return np.convolve(y, k, mode="valid")
-
-
-def _plot_curves(path: str, hist: dict, metric: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    it = np.asarray(hist["iteration"])
-    key = "accuracy" if metric == "accuracy" else "query_loss"
-    ax = axes[0]
-    ax.plot(it, hist["query_loss"], alpha=0.25, lw=0.5, color="C0")
-    s = _smooth(hist["query_loss"])
-    ax.plot(it[len(it) - len(s):], s, color="C0", label="meta-train query loss (moving avg)")
-    ax.set_xlabel("iteration"); ax.set_ylabel("query loss after adaptation"); ax.set_yscale("log")
-    ax.legend(); ax.grid(alpha=0.3)
-    ax = axes[1]
-    ev = hist["eval"]
-    if ev:
-        x = [e["iteration"] for e in ev]
-        y = [e["mean"] for e in ev]
-        ci = [e["ci95"] for e in ev]
-        ax.errorbar(x, y, yerr=ci, marker="o", ms=3, capsize=2, label=f"held-out {metric} ± 95% CI")
-    if metric == "accuracy" and "accuracy" in hist and hist["accuracy"]:
-        s = _smooth(hist["accuracy"])
-        ax.plot(it[len(it) - len(s):], s, color="C1", alpha=0.7, label="meta-train query accuracy")
-    ax.set_xlabel("iteration"); ax.set_ylabel(metric); ax.grid(alpha=0.3); ax.legend()
-    if metric == "mse":
-        ax.set_yscale("log")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_fits(path: str, job: "_Job", algo, seed: int, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from .data.sinusoid import SinusoidTasks, curve
-    from .functional.buffers import batch_norm_policy
-    sampler = SinusoidTasks(job.c.shots, 1, seed=seed)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for ax in axes:
-        amp, phase = sampler.sample_functions(1)
-        x_s, y_s = sampler.points(amp, phase, job.c.shots)
-        xs, ys = curve(float(amp[0]), float(phase[0]))
-        grid = torch.tensor(xs, dtype=torch.float32)[:, None]
-        ax.plot(xs, ys, "k-", lw=2, label="true function")
-        ax.plot(x_s[0, :, 0].numpy(), y_s[0, :, 0].numpy(), "k^", label=f"{job.c.shots} support points")
-        for steps, style in ((0, "C2:"), (1, "C0--"), (10, "C3-")):
-            fast = algo.adapt((x_s[0], y_s[0]), steps)
-            with torch.no_grad(), batch_norm_policy(job.model):
-                pred = torch.func.functional_call(job.model, fast, (grid,))
-            label = "before adaptation (θ)" if steps == 0 else f"after {steps} step{'s' if steps > 1 else ''}"
-            ax.plot(xs, pred[:, 0].numpy(), style, label=label)
-        ax.set_xlim(-5, 5); ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # -- the job ---------------------------------------------------------------------------------------
@@ -267,63 +172,70 @@ def _plot_fits(path: str, job: "_Job", algo, seed: int, title: str) -> None:
 def _algo_settings(c: TrainConfig) -> dict:
     s = dict(inner_lr=c.inner_lr, inner_steps=c.inner_steps, eval_steps=c.eval_steps, engine=c.engine,
              hvp=c.hvp, task_batching=c.task_batching, memory_format=c.memory_format)
+    if "batch_norm" in inspect.signature(Algorithm.__init__).parameters:
+        s["batch_norm"] = "transductive"  # the MAML paper's protocol: batch statistics, always
     s.update(c.algo_settings)
     return s
 
 
+def _progress_bar(c: TrainConfig, start: int):
+    if not c.progress or pdist.rank() != 0:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        log.warning("train: tqdm is not installed; no progress bar (pip install tqdm)")
+        return None
+    return tqdm(total=c.iterations, initial=start, desc=f"{c.task}/{c.algorithm}", dynamic_ncols=True,
+                mininterval=0.5 if os.isatty(2) else 30.0)
+
+
 def train(config: TrainConfig) -> dict:
-    """Runs (or resumes) one training job; returns its summary."""
+    """Runs (or resumes) one training job; returns its summary (on every rank; rank 0 writes)."""
     c = config.resolved()
     if c.threads:
         torch.set_num_threads(c.threads)
-    os.makedirs(c.out, exist_ok=True)
-    ckpt_path = os.path.join(c.out, "checkpoint.pt")
+    world = pdist.world_size() if pdist.init_from_env(timeout_s=c.dist_timeout) else 1
+    main_rank = pdist.rank() == 0
+    if main_rank:
+        os.makedirs(c.out, exist_ok=True)
     torch.manual_seed(c.seed)
     np.random.seed(c.seed)
     random.seed(c.seed)
     job = _Job(c)
     model = job.model
     opt = torch.optim.Adam(model.parameters(), lr=c.outer_lr)
-    meta = MetaOptimizer(model, opt, c.algorithm, job.loss_fn, **_algo_settings(c))
+    meta = MetaOptimizer(model, opt, c.algorithm, job.loss_fn, distributed=world > 1, **_algo_settings(c))
     algo = meta.algorithm
     hist = {"iteration": [], "query_loss": [], "accuracy": [], "eval": []}
     start, elapsed = 0, 0.0
     if c.resume:
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"train: --resume given but {ckpt_path} does not exist")
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = ckpt.load(os.path.join(c.out, ckpt.LATEST))
         model.load_state_dict(ck["model"])
         meta.load_state_dict(ck["meta"])
-        job.train_tasks.load_state_dict(ck["sampler"])
-        _set_rng_state(ck["rng"])
+        ckpt.set_rng_state(ck["rng"])
         hist, start, elapsed = ck["history"], ck["iteration"], ck["elapsed"]
 
     def checkpoint(it):
-        _save(ckpt_path, {"config": dataclasses.asdict(c), "iteration": it, "model": model.state_dict(),
-                          "meta": meta.state_dict(), "sampler": job.train_tasks.state_dict(), "rng": _rng_state(),
-                          "history": hist, "elapsed": elapsed})
+        pdist.average_buffers(model)
+        ckpt.save(c.out, {"config": dataclasses.asdict(c), "iteration": it, "model": model.state_dict(),
+                          "meta": meta.state_dict(), "rng": ckpt.rng_state(), "history": hist,
+                          "elapsed": elapsed, "world_size": world}, it, keep=c.keep_checkpoints)
 
-    bar = None
-    tqdm = None
-    if c.progress:
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            log.warning("train: tqdm is not installed; no progress bar (pip install tqdm)")
-    if tqdm is not None:
-        bar = tqdm(total=c.iterations, initial=start, desc=f"{c.task}/{c.algorithm}", dynamic_ncols=True,
-                   mininterval=0.5 if os.isatty(2) else 30.0)
+    bar = _progress_bar(c, start)
     it = start
     stopped_early = False
     t_last = time.perf_counter()
     eval_seed, test_seed = c.seed + 1_000_003, c.seed + 2_000_003
+    first, last = pdist.shard(c.meta_batch)
     last_info = {}
     while it < c.iterations:
-        if c.max_minutes is not None and elapsed >= 60.0 * c.max_minutes:
+        # every rank must take the same decision: rank 0's clock decides
+        if c.max_minutes is not None and pdist.broadcast_object(elapsed >= 60.0 * c.max_minutes):
             stopped_early = True
             break
-        batch = job.train_tasks.sample(c.meta_batch)
-        stats = meta.step(batch)
+        base = it * c.meta_batch
+        stats = meta.step(job.train_tasks.tasks(range(base + first, base + last)))
         it += 1
         last_info = meta.last_info
         hist["iteration"].append(it)
@@ -334,10 +246,12 @@ def train(config: TrainConfig) -> dict:
         elapsed += now - t_last
         t_last = now
         if it % c.eval_every == 0 or it == c.iterations:
+            pdist.average_buffers(model)
             ev = job.evaluate(algo, "val", c.eval_tasks, eval_seed, c.eval_steps)
             ev.update(iteration=it, elapsed=elapsed)
             hist["eval"].append(ev)
-            log.info("iteration %d: held-out %s %.4f ± %.4f", it, job.metric, ev["mean"], ev["ci95"])
+            if main_rank:
+                log.info("iteration %d: held-out %s %.4f ± %.4f", it, job.metric, ev["mean"], ev["ci95"])
             if bar is not None:
                 bar.write(f"[{it}] held-out {job.metric} ({c.eval_steps} step{'s' if c.eval_steps != 1 else ''}): "
                           f"{ev['mean']:.4f} ± {ev['ci95']:.4f}  train {elapsed / 60:.1f} min")
@@ -353,7 +267,9 @@ def train(config: TrainConfig) -> dict:
             bar.set_postfix(post, refresh=False)
     if bar is not None:
         bar.close()
-    checkpoint(it)
+    if it % c.checkpoint_every != 0 or it == start:
+        checkpoint(it)
+    meta.check_in_sync()
 
     # final test: held-out tasks (Omniglot test characters), the training and the test step counts
     t0 = time.perf_counter()
@@ -362,6 +278,8 @@ def train(config: TrainConfig) -> dict:
     for steps in sorted({c.inner_steps, c.eval_steps, 10 if c.task == "sinusoid" else c.eval_steps}):
         final[f"{steps}_steps"] = job.evaluate(algo, test_split, c.test_tasks, test_seed, steps)
     test_time = time.perf_counter() - t0
+    if not main_rank:
+        return {"task": c.task, "algorithm": c.algorithm, "iterations": it, "test": final, "rank": pdist.rank()}
     tag = f"{c.task} / {c.algorithm} / engine {last_info.get('engine', c.engine)}"
     plots = c.plots
     if plots:
@@ -371,9 +289,10 @@ def train(config: TrainConfig) -> dict:
             log.warning("train: matplotlib is not installed; no plots (pip install matplotlib)")
             plots = False
     if plots:
-        _plot_curves(os.path.join(c.out, "curves.png"), hist, job.metric, tag)
+        from .plots import plot_curves, plot_fits
+        plot_curves(os.path.join(c.out, "curves.png"), hist, job.metric, tag)
         if c.task == "sinusoid":
-            _plot_fits(os.path.join(c.out, "fits.png"), job, algo, test_seed + 1, tag)
+            plot_fits(os.path.join(c.out, "fits.png"), job, algo, test_seed + 1, tag)
     summary = {
         "task": c.task, "algorithm": c.algorithm, "iterations": it, "stopped_by_time_limit": stopped_early,
         "train_minutes": elapsed / 60.0, "test_seconds": test_time, "metric": job.metric,
@@ -381,7 +300,7 @@ def train(config: TrainConfig) -> dict:
         "engine": last_info.get("engine"), "hvp": last_info.get("hvp"),
         "task_batching": last_info.get("task_batching"), "memory_format": last_info.get("memory_format"),
         "backend": backend_summary(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "processes": world,
         "config": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("progress", "plots")},
     }
     with open(os.path.join(c.out, "summary.json"), "w") as f:
