@@ -105,6 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         summary = train(cfg)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         where = f" (rank {pdist.rank()} of {pdist.world_size()})" if pdist.world_size() > 1 else ""
+        where = "" if where[2:-1] in str(e) else where
         print(f"pymaml train: error{where}: {e}", file=sys.stderr)
         return 2
     finally:

@@ -4,10 +4,12 @@ One pair of worker processes (this file run as a script) does every distributed 
 process group and saves what it computed; the tests compare it with one process running the whole
 meta-batch here.
 """
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -126,8 +128,22 @@ def worker(out_dir: str) -> None:
     pdist.average_buffers(bn)
     res["bn"] = (bn.running_mean.clone(), bn.running_var.clone())
     res["gathered"] = pdist.gather_objects({"rank": r})
-    torch.save(res, os.path.join(out_dir, f"rank{r}.pt"))
-    dist.destroy_process_group()
+
+    # a rank that stops answering: the other one raises after the group's timeout instead of hanging
+    import datetime
+    import time
+    quick = dist.new_group(timeout=datetime.timedelta(seconds=2))
+    if r == 0:
+        t0 = time.time()
+        try:
+            pdist.reduce_sum([torch.ones(3)], group=quick)
+            res["timeout"] = ("no error", 0.0)
+        except RuntimeError as e:
+            res["timeout"] = (str(e), time.time() - t0)
+        torch.save(res, os.path.join(out_dir, f"rank{r}.pt"))
+    else:
+        torch.save(res, os.path.join(out_dir, f"rank{r}.pt"))
+        time.sleep(6)  # silent, never joins the collective
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +218,9 @@ def test_drift_ddp_batch_norm_and_gather(workers):
         assert "DistributedDataParallel" in w["ddp"] and "ddp_model.module" in w["ddp"], w["ddp"]
         assert torch.equal(w["bn"][0], torch.full((3,), 0.5)) and torch.equal(w["bn"][1], torch.full((3,), 2.0))
         assert w["gathered"] == [{"rank": 0}, {"rank": 1}]
+    msg, took = workers[0]["timeout"]
+    assert "another process stopped or did not answer" in msg and "rank 0 of 2" in msg, msg
+    assert 1.5 < took < 5.5, took
 
 
 def test_shard_covers_the_meta_batch_once():
@@ -224,3 +243,92 @@ def test_without_a_process_group():
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+
+
+# -- the training job under torchrun, a killed rank, resumption ---------------------------------------
+
+JOB = ["train", "sinusoid", "--meta-batch", "5", "--eval-tasks", "10", "--test-tasks", "10", "--no-plots",
+       "--no-progress", "--threads", "1", "--algorithm", "metasgd"]
+
+
+def launch(argv, rank, port, world=WORLD):
+    env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.Popen([sys.executable, "-m", "pymaml", *argv], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def flat_model(path):
+    ck = torch.load(path, weights_only=False)
+    return ck, [v for k, v in sorted(ck["model"].items())] + [v for k, v in sorted(ck["meta"]["algorithm"].items())
+                                                          if v.is_floating_point()]
+
+
+def test_torchrun_two_processes_end_where_one_process_ends(tmp_path):
+    argv = JOB + ["--iterations", "200", "--eval-every", "100", "--checkpoint-every", "100"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                        "127.0.0.1", "--master-port", str(free_port()), "-m", "pymaml", *argv, "--out",
+                        str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("## pymaml train sinusoid") == 1  # one set of outputs
+    from pymaml import cli
+    assert cli.main(argv + ["--out", str(tmp_path / "one")]) == 0
+    two, p2 = flat_model(tmp_path / "two" / "checkpoint.pt")
+    one, p1 = flat_model(tmp_path / "one" / "checkpoint.pt")
+    assert two["iteration"] == one["iteration"] == 200 and two["world_size"] == 2
+    assert len(two["history"]["query_loss"]) == 200
+    # float32; the sums run in another order, so only rounding differs (measured: ~5e-8)
+    assert rel(p2, p1) < 1e-5
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert s2["processes"] == 2 and abs(s2["test"]["1_steps"]["mean"] - s1["test"]["1_steps"]["mean"]) < 1e-4
+    assert sorted(os.listdir(tmp_path / "two")) == ["checkpoint-00000100.pt", "checkpoint-00000200.pt",
+                                                    "checkpoint.pt", "summary.json", "summary.md"]
+
+
+def test_a_killed_rank_stops_the_other_with_an_error_and_the_run_resumes(tmp_path):
+    import signal
+    out = tmp_path / "run"
+    argv = JOB + ["--iterations", "100000", "--eval-every", "100000", "--checkpoint-every", "10",
+                  "--keep-checkpoints", "2", "--dist-timeout", "5", "--out", str(out)]
+    port = free_port()
+    procs = [launch(argv, r, port) for r in range(WORLD)]
+    try:
+        deadline = time.time() + 180
+        while not (out / "checkpoint-00000020.pt").exists():
+            assert time.time() < deadline and procs[0].poll() is None, "no checkpoint written"
+            time.sleep(0.2)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        t0 = time.time()
+        _, err = procs[0].communicate(timeout=60)
+        took = time.time() - t0
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode == 2, err[-3000:]
+    assert "pymaml train: error" in err and "another process stopped or did not answer" in err, err[-3000:]
+    assert took < 30  # no hang (the group's timeout bounds a silent rank: see the worker's last check)
+    ck, _ = flat_model(out / "checkpoint.pt")  # intact
+    n = ck["iteration"]
+    assert n >= 20 and n % 10 == 0 and len(ck["history"]["query_loss"]) == n
+    kept = sorted(f for f in os.listdir(out) if f.startswith("checkpoint-"))
+    assert len(kept) == 2 and kept[-1] == f"checkpoint-{n:08d}.pt" and not [f for f in os.listdir(out) if "tmp" in f]
+    # resume on 2 ranks and on 1 rank: both continue from iteration n to the same parameters
+    import shutil
+    shutil.copytree(out, tmp_path / "one")
+    more = ["--iterations", str(n + 10), "--resume"]
+    port = free_port()
+    procs = [launch(argv[:-2] + ["--out", str(out)] + more, r, port) for r in range(WORLD)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    from pymaml import cli
+    assert cli.main(argv[:-2] + ["--out", str(tmp_path / "one")] + more) == 0
+    two, p2 = flat_model(out / "checkpoint.pt")
+    one, p1 = flat_model(tmp_path / "one" / "checkpoint.pt")
+    assert two["iteration"] == one["iteration"] == n + 10
+    assert two["history"]["query_loss"][:n] == ck["history"]["query_loss"]
+    assert rel(p2, p1) < 1e-5
+    assert rel(p2, flat_model(out / f"checkpoint-{n:08d}.pt")[1]) > 1e-6  # it did train further
