@@ -195,7 +195,8 @@ def train(config: TrainConfig) -> dict:
     c = config.resolved()
     if c.threads:
         torch.set_num_threads(c.threads)
-    world = pdist.world_size() if pdist.init_from_env(timeout_s=c.dist_timeout) else 1
+    # the job trains on the CPU: gloo (NCCL is for models on GPUs, in users' own loops)
+    world = pdist.world_size() if pdist.init_from_env("gloo", timeout_s=c.dist_timeout) else 1
     main_rank = pdist.rank() == 0
     if main_rank:
         os.makedirs(c.out, exist_ok=True)

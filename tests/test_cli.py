@@ -84,3 +84,35 @@ def test_omniglot_job_runs_and_reports(tmp_path):
     assert s["metric"] == "accuracy" and set(s["test"]) == {"1_steps", "3_steps"}
     assert s["memory_format"] == "channels_last"  # the conv net runs channels-last on the CPU
     assert 0.0 <= s["test"]["3_steps"]["mean"] <= 1.0
+
+
+def test_checkpoints_are_atomic_and_only_the_last_ones_are_kept(tmp_path, monkeypatch):
+    from pymaml import checkpoint as ckpt
+    for it in (10, 20, 30, 40):
+        ckpt.save(str(tmp_path), {"iteration": it, "w": torch.full((3,), float(it))}, it, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000030.pt", "checkpoint-00000040.pt", "checkpoint.pt"]
+    assert ckpt.load(str(tmp_path / "checkpoint.pt"))["iteration"] == 40
+
+    def torn(obj, f):  # a write that dies half-way
+        f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save(str(tmp_path), {"iteration": 50}, 50, keep=2)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000030.pt", "checkpoint-00000040.pt", "checkpoint.pt"]
+    assert torch.equal(ckpt.load(str(tmp_path / "checkpoint.pt"))["w"], torch.full((3,), 40.0))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.load(str(tmp_path / "nothing.pt"))
+
+
+def test_cli_choices_and_the_old_omniglotnet_path():
+    from pymaml.functional import ENGINES, HVP_METHODS
+    from pymaml.functional.layout import MEMORY_FORMATS
+    from pymaml.models import OmniglotNet
+    from pymaml.training import OmniglotNet as Old
+    assert Old is OmniglotNet
+    actions = {a.dest: a for a in cli._parser()._subparsers._group_actions[0].choices["train"]._actions}
+    assert actions["engine"].choices == ["auto", *ENGINES]
+    assert actions["hvp"].choices == ["auto", *HVP_METHODS]
+    assert list(actions["memory_format"].choices) == list(MEMORY_FORMATS)
