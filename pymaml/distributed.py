@@ -166,12 +166,19 @@ def reduce_meta_gradient(result, num_tasks: int, group=None):
                                lr_grads=tree_unflatten(leaves, spec), query_loss=q, support_loss=s, meta_loss=m)
 
 
+def _aux_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The dtype of counts, flags and statistics: the gradients' own when it holds integers
+    exactly far enough (float32, float64), so that they share the gradients' collective."""
+    dt = tensors[0].dtype if tensors else torch.float64
+    return dt if dt in (torch.float32, torch.float64) else torch.float32
+
+
 def bucket_mean(tensors: Sequence[Tensor], num_tasks: int, raw: Sequence[Tensor] = (),
                 group=None) -> Tuple[List[Tensor], List[Tensor], int]:
     """Σ_r n_r·t_r / Σ_r n_r for each of ``tensors`` (this rank's means over its ``num_tasks``
     tasks) and Σ_r t_r for each of ``raw``, with the task count reduced in the same bucket (in the
     first tensor's dtype, so a single-dtype model needs one collective). Returns (means, sums, N)."""
-    aux = tensors[0].dtype if tensors else torch.float64
+    aux = _aux_dtype(tensors)
     count = torch.tensor([float(num_tasks)], dtype=aux)
     red = reduce_sum([t.detach() * num_tasks for t in tensors] + [r.to(aux) for r in raw] + [count], group)
     total = int(round(float(red[-1])))
@@ -192,7 +199,7 @@ def reduce_grads(named: Sequence[Tuple[str, Tensor]], grads: Dict[str, Optional[
         g = grads.get(name)
         flags.append(0.0 if g is None else 1.0)
         tensors.append(torch.zeros_like(p) if g is None else g.to(p.dtype).reshape(p.shape))
-    aux = tensors[0].dtype if tensors else torch.float64
+    aux = _aux_dtype(tensors)
     stats = [torch.as_tensor(s, dtype=aux).reshape(()) for s in stats]
     red, (seen,), total = bucket_mean(tensors + stats, num_tasks, raw=[torch.tensor(flags, dtype=aux)], group=group)
     out = {name: (red[i] if float(seen[i]) > 0 else None) for i, (name, _) in enumerate(named)}

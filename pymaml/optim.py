@@ -8,8 +8,8 @@
         stats = meta.step((x_s, y_s, x_q, y_q))  # zero_grad, meta-gradient into .grad, opt.step()
 
 ``step`` is ``zero_grad`` + :meth:`MetaOptimizer.backward` + (optional clipping) + the outer
-optimizer's ``step()``. Code that wants its own clipping, schedulers, gradient accumulation or DDP
-all-reduce in between calls :meth:`backward` instead: it only ADDS the meta-gradient into ``.grad``
+optimizer's ``step()``. Code that wants its own clipping, schedulers, gradient accumulation or its
+own all-reduce in between calls :meth:`backward` instead: it only ADDS the meta-gradient into ``.grad``
 of the model's parameters and of the algorithm's learned step sizes (as ``loss.backward()`` would)
 and leaves the optimizer alone. The learned step sizes (Meta-SGD, MAML++) are added to the outer
 optimizer as an extra parameter group when it does not hold them yet.
