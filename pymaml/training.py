@@ -20,8 +20,9 @@ used at every evaluation.
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the job runs data-parallel (:mod:`pymaml.distributed`):
 each rank samples and meta-trains on its share of every meta-batch, the meta-gradients are reduced
 across ranks, evaluation tasks are shared out and their metrics gathered, and rank 0 alone shows
-the progress bar and writes the outputs. The final parameters are those of a single-process run up
-to rounding (the sums run in another order).
+the progress bar and writes the outputs. Each meta-gradient is the single-process one up to
+rounding (the sum over tasks runs in another order); see ``docs/distributed.md`` for how far the
+parameters of a whole run then agree.
 """
 from __future__ import annotations
 
