@@ -5,6 +5,7 @@ processes (``docs/distributed.md``); rank 0 alone shows progress and writes the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -107,11 +108,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         where = f" (rank {pdist.rank()} of {pdist.world_size()})" if pdist.world_size() > 1 else ""
         where = "" if where[2:-1] in str(e) else where
         print(f"pymaml train: error{where}: {e}", file=sys.stderr)
-        return 2
-    finally:
         if pdist.is_initialized():
-            import torch.distributed as dist
-            dist.destroy_process_group()
+            # the other ranks may be gone: tearing the process group down can hang or crash, and
+            # there is nothing left to finish (checkpoints are complete files)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
+        return 2
+    if pdist.is_initialized():
+        import torch.distributed as dist
+        dist.destroy_process_group()
     if summary.get("rank", 0) != 0:
         return 0
     print(format_summary(summary))

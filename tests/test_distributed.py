@@ -173,7 +173,6 @@ def workers(tmp_path_factory):
 @pytest.mark.parametrize("cid,algorithm,settings,meta_batch", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_two_ranks_equal_one_process_on_the_whole_meta_batch(workers, cid, algorithm, settings, meta_batch, dname):
     want, iters = train(algorithm, settings, DTYPES[dname], meta_batch, seed=100)
-    start = [p.detach().clone() for p in train(algorithm, settings, DTYPES[dname], meta_batch, seed=100)[0]]
     for r in range(WORLD):
         got, got_iters = workers[r][f"{cid}-{dname}"]
         assert got_iters == iters == STEPS
@@ -181,7 +180,6 @@ def test_two_ranks_equal_one_process_on_the_whole_meta_batch(workers, cid, algor
         assert err <= RTOL[dname], f"rank {r}: relative difference {err:.3e} from one process"
         assert all(g.dtype == DTYPES[dname] for g in got)
     assert rel(workers[0][f"{cid}-{dname}"][0], workers[1][f"{cid}-{dname}"][0]) == 0.0  # identical across ranks
-    assert rel(start, want) == 0.0  # the single-process run is deterministic
 
 
 def test_reduced_functional_meta_gradient_is_the_whole_batch_one(workers):
@@ -307,7 +305,7 @@ def test_a_killed_rank_stops_the_other_with_an_error_and_the_run_resumes(tmp_pat
         for p in procs:
             p.kill()
             p.communicate()
-    assert procs[0].returncode == 2, err[-3000:]
+    assert procs[0].returncode == 2, f"exit status {procs[0].returncode}: {err[-3000:]}"
     assert "pymaml train: error" in err and "another process stopped or did not answer" in err, err[-3000:]
     assert took < 30  # no hang (the group's timeout bounds a silent rank: see the worker's last check)
     ck, _ = flat_model(out / "checkpoint.pt")  # intact
