@@ -23,6 +23,7 @@ meta-gradients of the first meta-step (same initial weights, same tasks) are com
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -122,6 +123,27 @@ def rel(a, b):
     return num / max(sum(float(y.double().norm() ** 2) for y in b) ** 0.5, 1e-30)
 
 
+def agreement(name, l2l, tasks=2):
+    """Meta-gradients of the first ``tasks`` training tasks: learn2learn float32, pymaml float32 and
+    learn2learn float64 (the reference), from the same weights. Returns the two float32 errors."""
+    w = WORKLOADS[name]
+    torch.manual_seed(0)
+    base = w["model"](w["ways"])
+    data = make_tasks(w, seed=100)[:2 * tasks:2]
+    out = {}
+    for key, cls, dtype in (("l2l32", l2l.algorithms.MAML, torch.float32), ("pymaml32", pymaml.MAML, torch.float32),
+                            ("l2l64", l2l.algorithms.MAML, torch.float64)):
+        model = copy.deepcopy(base).to(dtype)
+        maml = cls(model, lr=w["lr"], first_order=False)
+        for (xs, ys), (xq, yq) in data:
+            learner = maml.clone()
+            for _ in range(w["steps"]):
+                learner.adapt(F.cross_entropy(learner(xs.to(dtype)), ys))
+            F.cross_entropy(learner(xq.to(dtype)), yq).backward()
+        out[key] = [p.grad for p in model.parameters()]
+    return rel(out["l2l32"], out["l2l64"]), rel(out["pymaml32"], out["l2l64"])
+
+
 def run(name, threads, steps, l2l):
     w = WORKLOADS[name]
     torch.set_num_threads(threads)
@@ -152,6 +174,7 @@ def run(name, threads, steps, l2l):
             "learn2learn_s": med["learn2learn"], "pymaml_s": med["pymaml"],
             "speedup": med["learn2learn"] / med["pymaml"],
             "grad_rel_diff_f32": rel(first["pymaml"], first["learn2learn"]),
+            "f32_error_learn2learn": None, "f32_error_pymaml": None,
             "times": times}
 
 
@@ -160,6 +183,7 @@ def main():
     ap.add_argument("--workloads", default="omniglot,miniimagenet")
     ap.add_argument("--threads", default=f"1,{os.cpu_count()}")
     ap.add_argument("--steps", type=int, default=5, help="timed meta-steps per library (after one warm-up)")
+    ap.add_argument("--no-agreement", action="store_true", help="skip the float64 agreement check")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     try:
@@ -171,7 +195,7 @@ def main():
                  "install it with `bash benchmarks/install_peers.sh`")
     print(f"# learn2learn {l2l.__version__} vs pymaml {pymaml.__version__} ({pymaml.backend()} ops), "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    print("| workload | threads | learn2learn s/meta-step | pymaml s/meta-step | speed-up | float32 grad rel. diff |")
+    print("| workload | threads | learn2learn s/meta-step | pymaml s/meta-step | speed-up | float32 grads, pymaml vs learn2learn |")
     print("|---|---|---|---|---|---|")
     rows = []
     for name in args.workloads.split(","):
@@ -180,6 +204,16 @@ def main():
             rows.append(r)
             print(f"| {r['title']} | {threads} | {r['learn2learn_s']:.3f} | {r['pymaml_s']:.3f} | "
                   f"{r['speedup']:.2f}× | {r['grad_rel_diff_f32']:.1e} |", flush=True)
+    if not args.no_agreement:
+        print("\nfloat32 meta-gradient error against learn2learn in float64 (first 2 tasks, same weights):")
+        print("| workload | learn2learn float32 | pymaml float32 |\n|---|---|---|")
+        torch.set_num_threads(os.cpu_count())
+        for name in args.workloads.split(","):
+            e_l2l, e_pm = agreement(name, l2l)
+            for r in rows:
+                if r["workload"] == name:
+                    r["f32_error_learn2learn"], r["f32_error_pymaml"] = e_l2l, e_pm
+            print(f"| {WORKLOADS[name]['title']} | {e_l2l:.1e} | {e_pm:.1e} |", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .batch_norm import batch_norm as _fused_batch_norm, compiled_available
+from .batch_norm import compiled_available
+from .reference_bn import check_batch_norm
 from .functional.layout import to_layout
 
 __all__ = ["fast_forward", "layout_inputs"]
@@ -44,15 +45,18 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     if (not training or _functorch_active() or not isinstance(input, Tensor) or input.dtype not in _FUSED_DTYPES
             or input.dim() < 2 or not compiled_available(input.device)):
         return NotImplemented
-    y = _fused_batch_norm(input, weight, bias, eps)
+    check_batch_norm("batch_norm", input, weight, bias)
+    y, mean, invstd = torch.ops.pymaml.batch_norm(input, weight, bias, float(eps))
     if running_mean is not None or running_var is not None:
+        # The batch's statistics come with the normalisation (no second pass over x): the biased
+        # variance is invstd⁻² − eps, made unbiased as F.batch_norm does for running_var.
         with torch.no_grad():
-            dims = [0] + list(range(2, input.dim()))
-            var, mean = torch.var_mean(input.detach(), dim=dims, correction=1)
+            n = input.numel() // input.shape[1]
             if running_mean is not None:
                 running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
             if running_var is not None:
-                running_var.copy_(momentum * var + (1 - momentum) * running_var)
+                var = (invstd.double().pow(-2) - eps) * (n / (n - 1))
+                running_var.copy_(momentum * var.to(running_var.dtype) + (1 - momentum) * running_var)
     return y
 
 
