@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..batch_norm import batch_norm as _fused_batch_norm
+from ..ops import batch_norm as _fused_batch_norm
 
 __all__ = ["batch_norm_policy", "has_batch_norm", "has_randomness", "RngTape", "primitive_batch_norm"]
 

@@ -101,7 +101,7 @@ def verify(model, names_ad, names_fx, params, x) -> bool:
 def run_head_path(model, loss_kind: str, unit, names_ad, names_fx, theta0, phi0, plan: LrPlan, steps,
                   weights, wd, scale):
     """The recompute engine's result tuple for one unit (see engines._recompute), on the fast path."""
-    from .heads import linear_head_hvp
+    from ..ops import linear_head_hvp
     fmod = _Features(model)
     loss_fn = F.cross_entropy if loss_kind == "cross_entropy" else F.mse_loss
     i_w = names_ad.index("head.weight")
