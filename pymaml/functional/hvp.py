@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .. import ops
 
-__all__ = ["HVP_METHODS", "loss_and_grad", "hvp", "StepGraph"]
+__all__ = ["HVP_METHODS", "loss_and_grad", "hessian_vector_product", "hvp", "StepGraph"]
 
 HVP_METHODS = ("double_backward", "jvp", "finite_difference")
 
@@ -214,7 +214,7 @@ def _finite_difference(unit, theta, phi, u, replay, grad=None):
 _IMPL = {"double_backward": _double_backward, "jvp": _jvp, "finite_difference": _finite_difference}
 
 
-def hvp(method: str, unit, theta: Sequence[Tensor], phi: Sequence[Tensor], u: Sequence[Tensor],
+def hessian_vector_product(method: str, unit, theta: Sequence[Tensor], phi: Sequence[Tensor], u: Sequence[Tensor],
         replay: Optional[Callable[[], None]] = None, grad: Optional[Sequence[Tensor]] = None
         ) -> Tuple[Optional[List[Tensor]], List[Tensor], List[Tensor]]:
     """(∇_θ L_s or None, H u, mixed φθ term) at θ for the unit's support loss; see the module docstring.
@@ -224,3 +224,7 @@ def hvp(method: str, unit, theta: Sequence[Tensor], phi: Sequence[Tensor], u: Se
     except KeyError:
         raise ValueError(f"hvp: method must be one of {HVP_METHODS}, got {method!r}") from None
     return fn(unit, theta, phi, u, replay, grad)
+
+
+#: former name of :func:`hessian_vector_product`
+hvp = hessian_vector_product
