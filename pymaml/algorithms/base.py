@@ -15,8 +15,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..functional import Task, adapt as _adapt, meta_gradient as _meta_gradient
-from ..functional.batching import _is_stacked
+from ..functional import ENGINES, HVP_METHODS, Task, inner_loop, meta_gradient as _meta_gradient
+from ..functional.batching import is_stacked
+from ..functional.layout import MEMORY_FORMATS
 
 __all__ = ["Algorithm", "MetaStep", "as_tasks", "head_names", "safe_name"]
 
@@ -47,7 +48,7 @@ def as_tasks(tasks) -> Union[Task, List[Task]]:
         return tasks
     if isinstance(tasks, (tuple, list)) and len(tasks) == 4 and all(isinstance(t, Tensor) for t in tasks):
         return Task((tasks[0], tasks[1]), (tasks[2], tasks[3]))
-    if _is_stacked(tasks):
+    if is_stacked(tasks):
         return Task(tuple(tasks[0]), tuple(tasks[1]))
     return [t if isinstance(t, Task) else Task(tuple(t[0]), tuple(t[1])) for t in tasks]
 
@@ -83,21 +84,33 @@ def safe_name(name: str) -> str:
     return name.replace(".", "__")
 
 
+_TASK_BATCHING = ("auto", "vmap", "loop")
+
+
 class Algorithm(nn.Module):
     """Base class. Settings shared by all algorithms:
 
     inner_lr       α of the inner SGD steps (initial value when the algorithm learns it)
     inner_steps    K inner steps during meta-training
     eval_steps     inner steps at evaluation (default: inner_steps)
-    engine         meta-gradient engine for the second-order algorithms ("auto", "recompute", "unrolled")
+    engine         meta-gradient engine: "auto", "recompute", "unrolled" or "first_order"
+                   (:func:`pymaml.functional.meta_gradient`); first-order algorithms accept only
+                   "auto" and "first_order"
     hvp            HVP method for ``recompute`` ("auto", "double_backward", "jvp", "finite_difference")
     task_batching  "auto", "vmap" or "loop"
     weight_decay   inner-loop L2 term
     memory_format  "auto", "channels_last" or "preserve" (:mod:`pymaml.functional.layout`)
+
+    ``second_order`` (a class attribute, per instance for ANIL) says whether the meta-gradient
+    differentiates through the inner loop's Hessians; a first-order algorithm runs the
+    ``first_order`` engine. A setting an algorithm cannot honour raises a ``ValueError`` naming the
+    algorithm and the value; nothing is silently ignored.
     """
 
     name = "base"
     second_order = True
+    #: per setting, the values this algorithm honours when it restricts them (see _check_settings)
+    supported: Dict[str, Tuple[str, ...]] = {}
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *, inner_lr: float = 0.01,
                  inner_steps: int = 1, eval_steps: Optional[int] = None, engine: str = "auto", hvp: str = "auto",
@@ -114,6 +127,29 @@ class Algorithm(nn.Module):
         self.weight_decay = float(weight_decay)
         self.memory_format = memory_format
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        """Every setting is one the engine knows and this algorithm honours."""
+        known = {"engine": ENGINES + ("auto",), "hvp": HVP_METHODS + ("auto",), "task_batching": _TASK_BATCHING,
+                 "memory_format": MEMORY_FORMATS}
+        allowed = dict(known)
+        if not self.second_order:
+            allowed.update(engine=("auto", "first_order"), hvp=("auto",))
+        allowed.update(self.supported)
+        for key, values in allowed.items():
+            value = getattr(self, key)
+            if value in values:
+                continue
+            if value in known[key]:
+                raise ValueError(f"{self.name}: {key}={value!r} is not supported by this algorithm "
+                                 f"({self._why(key)}); use one of {values}")
+            raise ValueError(f"{self.name}: {key} must be one of {values}, got {value!r}")
+
+    def _why(self, key: str) -> str:
+        if key in ("engine", "hvp") and not self.second_order:
+            return "its meta-gradient is first order: no Hessian terms"
+        return "see its documentation"
 
     # -- what subclasses override -------------------------------------------------------------
     def adapted_names(self) -> Optional[List[str]]:
@@ -126,6 +162,8 @@ class Algorithm(nn.Module):
 
     def engine_settings(self) -> dict:
         """Extra keyword arguments of :func:`pymaml.functional.meta_gradient` (engine, step weights)."""
+        if not self.second_order:
+            return {"engine": "first_order"}
         return {"engine": self.engine, "hvp": self.hvp}
 
     # -- the meta-gradient ------------------------------------------------------------------------
@@ -150,14 +188,17 @@ class Algorithm(nn.Module):
         return {}
 
     # -- evaluation -------------------------------------------------------------------------------
-    def adapt(self, support: Tuple[Tensor, Tensor], steps: Optional[int] = None) -> Dict[str, Tensor]:
-        """θ_K for one task (detached), with the algorithm's own inner loop."""
+    def adapt(self, support: Tuple[Tensor, Tensor], steps: Optional[int] = None,
+              params: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
+        """θ_K for one task (detached), with the algorithm's own inner loop, from ``params``
+        (default: the model's parameters)."""
         steps = self.eval_steps if steps is None else steps
         with torch.no_grad():
             lr = self.step_sizes(steps, detach=True)
-        params = {n: p.detach() for n, p in self.params().items()}
-        return _adapt(self.model, support, self.loss_fn, params=params, steps=steps, lr=lr,
-                      adapt=self.adapted_names(), weight_decay=self.weight_decay)
+        if params is None:
+            params = {n: p.detach() for n, p in self.params().items()}
+        return inner_loop(self.model, support, self.loss_fn, params=params, steps=steps, lr=lr,
+                          adapt=self.adapted_names(), weight_decay=self.weight_decay)
 
     def evaluate(self, tasks, steps: Optional[int] = None) -> Tuple[List[float], List[Tensor]]:
         """Per task: (query loss after ``steps`` inner steps, query outputs). Batch statistics in

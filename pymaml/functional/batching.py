@@ -28,7 +28,7 @@ from .inner import Task, model_call
 from .layout import to_layout
 from .stacked import stacked_forward, stacked_task_losses
 
-__all__ = ["Unit", "make_units", "choose_batching"]
+__all__ = ["Unit", "make_units", "choose_batching", "is_stacked"]
 
 
 class Unit:
@@ -87,7 +87,8 @@ class Unit:
         return list(out.detach().unbind(0)) if self.batched else [out.detach()]
 
 
-def _is_stacked(tasks) -> bool:
+def is_stacked(tasks) -> bool:
+    """Whether ``tasks`` is one Task (or ((x_s, y_s), (x_q, y_q))) of task-stacked tensors."""
     return isinstance(tasks, Task) or (isinstance(tasks, tuple) and len(tasks) == 2
                                         and isinstance(tasks[0], tuple) and isinstance(tasks[0][0], Tensor))
 
@@ -116,7 +117,7 @@ def make_units(model, loss_fn, names_ad, names_fx, tasks, task_batching: str) ->
     op = "meta_gradient"
     if task_batching not in ("auto", "vmap", "loop"):
         raise ValueError(f"{op}: task_batching must be 'auto', 'vmap' or 'loop', got {task_batching!r}")
-    stacked = _is_stacked(tasks)
+    stacked = is_stacked(tasks)
     if stacked:
         task = _as_task(tasks)
         T = int(task.support[0].shape[0])

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .. import ops
 from .buffers import batch_norm_policy
 
-__all__ = ["Task", "adapt", "split_params", "LrPlan"]
+__all__ = ["Task", "inner_loop", "adapt", "split_params", "LrPlan"]
 
 
 class Task(NamedTuple):
@@ -197,7 +197,7 @@ def model_call(model: nn.Module, names_ad: Sequence[str], names_fx: Sequence[str
     return torch.func.functional_call(model, d, (x,))
 
 
-def adapt(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor], *,
+def inner_loop(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor], *,
           params: Optional[Mapping[str, Tensor]] = None, steps: int = 1, lr=0.01,
           adapt: Optional[Iterable[str]] = None, create_graph: bool = False,
           weight_decay: float = 0.0) -> Dict[str, Tensor]:
@@ -206,9 +206,12 @@ def adapt(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callable[[T
 
     ``create_graph=True`` keeps the graph so θ_K is differentiable in ``params`` and in the ``lr``
     tensors (the unrolled path); otherwise θ_K is detached. BatchNorm follows the policy of
-    :mod:`pymaml.functional.buffers`.
+    :mod:`pymaml.functional.buffers`. ``adapt`` names the adapted parameters, as in
+    :func:`~pymaml.functional.meta_gradient` (default: all).
+
+    Also available under its former name ``pymaml.functional.adapt``.
     """
-    op = "adapt"
+    op = "inner_loop"
     if params is None:
         params = dict(model.named_parameters())
     if not isinstance(steps, int) or steps < 0:
@@ -243,6 +246,10 @@ def adapt(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callable[[T
     return out
 
 
+#: former name of :func:`inner_loop`
+adapt = inner_loop
+
+
 def _user_lr_forms(lr, steps: int, names: Sequence[str]):
     """Per-step ops-form step sizes built from the user's own tensors (graph kept)."""
     def one(x):
@@ -251,7 +258,7 @@ def _user_lr_forms(lr, steps: int, names: Sequence[str]):
         return x
     if isinstance(lr, (list, tuple)):
         if len(lr) != steps:
-            raise ValueError(f"adapt: a per-step lr list must have one entry per inner step: "
+            raise ValueError(f"inner_loop: a per-step lr list must have one entry per inner step: "
                              f"got {len(lr)} entries for steps={steps}")
         return [one(x) for x in lr]
     return [one(lr)] * steps
