@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..functional import ENGINES, HVP_METHODS, Task, inner_loop, meta_gradient as _meta_gradient
 from ..functional.batching import is_stacked
+from ..functional.buffers import BATCH_NORM_POLICIES, batch_norm_policy
 from ..functional.layout import MEMORY_FORMATS
 
 __all__ = ["Algorithm", "MetaStep", "as_tasks", "head_names", "safe_name"]
@@ -100,6 +101,11 @@ class Algorithm(nn.Module):
     task_batching  "auto", "vmap" or "loop"
     weight_decay   inner-loop L2 term
     memory_format  "auto", "channels_last" or "preserve" (:mod:`pymaml.functional.layout`)
+    batch_norm     "mode" (the module's train/eval mode decides; train-mode running statistics are
+                   updated by the forward passes an unrolled loop would run) or "transductive"
+                   (batch statistics always, running statistics untouched: the MAML paper);
+                   see :mod:`pymaml.functional.buffers`. It applies to meta-training and to
+                   :meth:`adapt`/:meth:`evaluate` alike.
 
     ``second_order`` (a class attribute, per instance for ANIL) says whether the meta-gradient
     differentiates through the inner loop's Hessians; a first-order algorithm runs the
@@ -114,7 +120,8 @@ class Algorithm(nn.Module):
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *, inner_lr: float = 0.01,
                  inner_steps: int = 1, eval_steps: Optional[int] = None, engine: str = "auto", hvp: str = "auto",
-                 task_batching: str = "auto", weight_decay: float = 0.0, memory_format: str = "auto"):
+                 task_batching: str = "auto", weight_decay: float = 0.0, memory_format: str = "auto",
+                 batch_norm: str = "mode"):
         super().__init__()
         if not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"{self.name}: inner_steps must be a non-negative int, got {inner_steps!r}")
@@ -126,13 +133,14 @@ class Algorithm(nn.Module):
         self.engine, self.hvp, self.task_batching = engine, hvp, task_batching
         self.weight_decay = float(weight_decay)
         self.memory_format = memory_format
+        self.batch_norm = batch_norm
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self._check_settings()
 
     def _check_settings(self) -> None:
         """Every setting is one the engine knows and this algorithm honours."""
         known = {"engine": ENGINES + ("auto",), "hvp": HVP_METHODS + ("auto",), "task_batching": _TASK_BATCHING,
-                 "memory_format": MEMORY_FORMATS}
+                 "memory_format": MEMORY_FORMATS, "batch_norm": BATCH_NORM_POLICIES}
         allowed = dict(known)
         if not self.second_order:
             allowed.update(engine=("auto", "first_order"), hvp=("auto",))
@@ -176,12 +184,12 @@ class Algorithm(nn.Module):
         res = _meta_gradient(self.model, tasks, self.loss_fn, params=self.params(), steps=self.inner_steps, lr=lr,
                              adapt=self.adapted_names(), task_batching=self.task_batching,
                              weight_decay=self.weight_decay, memory_format=self.memory_format,
-                             **self.engine_settings())
+                             batch_norm=self.batch_norm, **self.engine_settings())
         self.iteration += 1
         return MetaStep(grads=res.grads, extra_grads=self.lr_grads_to_params(res.lr_grads),
                         query_loss=res.query_loss, query_outputs=res.query_outputs, support_loss=res.support_loss,
                         info={"engine": res.engine, "hvp": res.hvp, "task_batching": res.task_batching,
-                              "memory_format": res.memory_format})
+                              "memory_format": res.memory_format, "batch_norm": res.batch_norm})
 
     def lr_grads_to_params(self, lr_grads) -> Dict[str, Tensor]:
         """Maps the engine's ``lr_grads`` (in the structure of ``step_sizes``) to our parameters."""
@@ -198,20 +206,26 @@ class Algorithm(nn.Module):
         if params is None:
             params = {n: p.detach() for n, p in self.params().items()}
         return inner_loop(self.model, support, self.loss_fn, params=params, steps=steps, lr=lr,
-                          adapt=self.adapted_names(), weight_decay=self.weight_decay)
+                          adapt=self.adapted_names(), weight_decay=self.weight_decay, batch_norm=self.batch_norm)
 
     def evaluate(self, tasks, steps: Optional[int] = None) -> Tuple[List[float], List[Tensor]]:
-        """Per task: (query loss after ``steps`` inner steps, query outputs). Batch statistics in
-        BatchNorm, as during training (see :mod:`pymaml.functional.buffers`)."""
-        from ..functional.buffers import batch_norm_policy
+        """Per task: (query loss after ``steps`` inner steps, query outputs). BatchNorm follows the
+        ``batch_norm`` setting, as during training: under ``"mode"`` a model in ``eval()`` mode uses
+        its running statistics, one in ``train()`` mode batch statistics (and its forward passes
+        update the running statistics, as any train-mode forward pass does)."""
         losses, outputs = [], []
         for t in task_list(tasks):
             fast = self.adapt(t.support, steps)
-            with torch.no_grad(), batch_norm_policy(self.model):
-                out = torch.func.functional_call(self.model, fast, (t.query[0],))
-                losses.append(float(self.loss_fn(out, t.query[1])))
+            out, loss = self.query_pass(fast, t.query)
+            losses.append(float(loss))
             outputs.append(out)
         return losses, outputs
+
+    def query_pass(self, params: Dict[str, Tensor], query: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+        """(outputs, loss) on a query set at ``params``, no grad, one counted forward pass."""
+        with torch.no_grad(), batch_norm_policy(self.model, policy=self.batch_norm) as bn, bn.counted():
+            out = torch.func.functional_call(self.model, params, (query[0],))
+            return out, self.loss_fn(out, query[1])
 
     def extra_repr(self) -> str:
         return (f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, eval_steps={self.eval_steps}, "

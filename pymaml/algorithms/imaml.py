@@ -13,7 +13,8 @@ depend on the path the inner loop took, so memory is independent of ``inner_step
 Settings: ``engine="auto"`` (the implicit gradient) or ``"first_order"`` (∇L_q(φ), no CG: first-order
 iMAML); the unrolled and recompute engines differentiate the inner loop's path, which iMAML by
 design does not, so they raise. Tasks run one at a time (``task_batching="vmap"`` raises);
-``memory_format`` is honoured as by the engines.
+``memory_format`` and ``batch_norm`` are honoured as by the engines (the support passes of the
+proximal loop and the query pass count for BatchNorm running statistics; HVP passes do not).
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -80,11 +81,13 @@ class iMAML(Algorithm):
     def _unit(self, task: Task) -> Unit:
         return Unit(self.model, self.loss_fn, list(self.params()), [], task, batched=False)
 
-    def _proximal(self, unit: Unit, theta: List[Tensor], steps: int) -> List[Tensor]:
-        """φ_{i+1} = φ_i − α(∇L_s(φ_i) + λ(φ_i − θ)), from φ_0 = θ."""
+    def _proximal(self, unit: Unit, theta: List[Tensor], steps: int, bn) -> List[Tensor]:
+        """φ_{i+1} = φ_i − α(∇L_s(φ_i) + λ(φ_i − θ)), from φ_0 = θ; each support pass counts for
+        BatchNorm running statistics."""
         phi = theta
         for _ in range(steps):
-            _, _, g, _ = loss_and_grad(unit, phi, [], "s")
+            with bn.counted():
+                _, _, g, _ = loss_and_grad(unit, phi, [], "s")
             g = [gi + self.lam * (p - t) for gi, p, t in zip(g, phi, theta)]
             with torch.no_grad():
                 phi = ops.sgd_update(phi, g, self.inner_lr, self.weight_decay)
@@ -96,8 +99,8 @@ class iMAML(Algorithm):
         steps = self.eval_steps if steps is None else steps
         theta = params if params is not None else {n: p.detach() for n, p in self.params().items()}
         unit = Unit(self.model, self.loss_fn, list(theta), [], Task(support, support), batched=False)
-        with batch_norm_policy(self.model):
-            phi = self._proximal(unit, list(theta.values()), steps)
+        with batch_norm_policy(self.model, policy=self.batch_norm) as bn:
+            phi = self._proximal(unit, list(theta.values()), steps, bn)
         return dict(zip(theta, phi))
 
     def meta_gradient(self, tasks) -> MetaStep:
@@ -108,14 +111,15 @@ class iMAML(Algorithm):
         method = DEFAULT_HVP if self.hvp == "auto" else self.hvp
         total = [torch.zeros_like(p) for p in theta]
         q_losses, s_losses, outputs = [], [], []
-        with batch_norm_policy(self.model):
+        with batch_norm_policy(self.model, policy=self.batch_norm) as bn:
             for t in tasks:
                 unit = self._unit(t)
                 unit.to_layout(layout)
                 with torch.no_grad():
                     s_losses.append(unit.loss(theta, [], "s")[0])
-                phi = self._proximal(unit, theta, self.inner_steps)
-                lq, out, gq, _ = loss_and_grad(unit, phi, [], "q")
+                phi = self._proximal(unit, theta, self.inner_steps, bn)
+                with bn.counted():
+                    lq, out, gq, _ = loss_and_grad(unit, phi, [], "q")
                 if self.engine == "first_order":
                     x = gq
                 else:
@@ -133,4 +137,4 @@ class iMAML(Algorithm):
                         support_loss=torch.stack(s_losses).mean(),
                         info={"engine": "implicit (CG)" if self.engine != "first_order" else "first_order",
                               "hvp": method if self.engine != "first_order" else None, "task_batching": "loop",
-                              "memory_format": layout})
+                              "memory_format": layout, "batch_norm": self.batch_norm})

@@ -37,9 +37,9 @@ class Reptile(Algorithm):
             fast = self.adapt((x_s, t.support[1]), self.inner_steps, params=params)
             for n in grads:
                 grads[n] += params[n] - fast[n]
-            with torch.no_grad(), batch_norm_policy(self.model):
-                out = torch.func.functional_call(self.model, fast, (x_q,))
-                q_losses.append(self.loss_fn(out, t.query[1]))
+            out, lq = self.query_pass(fast, (x_q, t.query[1]))
+            q_losses.append(lq)
+            with torch.no_grad(), batch_norm_policy(self.model, policy=self.batch_norm):  # not a counted pass
                 s_losses.append(self.loss_fn(torch.func.functional_call(self.model, params, (x_s,)), t.support[1]))
             outputs.append(out)
         T = len(tasks)
@@ -47,4 +47,5 @@ class Reptile(Algorithm):
         return MetaStep(grads={n: _layout.like(g / T, own[n]) for n, g in grads.items()}, extra_grads={},
                         query_loss=torch.stack(q_losses).mean(), query_outputs=outputs,
                         support_loss=torch.stack(s_losses).mean(),
-                        info={"engine": "reptile", "hvp": None, "task_batching": "loop", "memory_format": layout})
+                        info={"engine": "reptile", "hvp": None, "task_batching": "loop", "memory_format": layout,
+                              "batch_norm": self.batch_norm})

@@ -29,8 +29,8 @@ Engines
     ``recompute``; with ``hvp="auto"`` and head-only adaptation of a linear head, its closed-form
     fast path (:mod:`pymaml.functional.head_path`).
 
-BatchNorm and dropout follow :mod:`pymaml.functional.buffers`; task batching
-:mod:`pymaml.functional.batching`.
+BatchNorm (``batch_norm="mode"`` or ``"transductive"``) and dropout follow
+:mod:`pymaml.functional.buffers`; task batching :mod:`pymaml.functional.batching`.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from .. import ops
 from . import head_path
 from . import layout as _layout
 from .batching import Unit, make_units
-from .buffers import RngTape, batch_norm_policy, has_randomness
+from .buffers import RngTape, batch_norm_policy, check_policy, has_randomness, updates_running_stats
 from .hvp import HVP_METHODS, StepGraph, hessian_vector_product, loss_and_grad
 from .inner import LrPlan, split_params
 from .sweep import Setup, Steps, UnitResult, adjoint_sweep, forward_sweep
@@ -70,7 +70,7 @@ class MetaGradient:
     query_outputs  per task, the model's output on the query set at θ_K
     support_loss   mean over tasks of L_s(θ_0), 0-d
     meta_loss      mean over tasks of the meta-loss (Σ_i w_i L_q(θ_i) with step weights, else query_loss)
-    engine, hvp, task_batching, memory_format   what actually ran
+    engine, hvp, task_batching, memory_format, batch_norm   what actually ran
     """
     grads: Dict[str, Tensor]
     lr_grads: object
@@ -82,6 +82,7 @@ class MetaGradient:
     hvp: Optional[str] = None
     task_batching: str = ""
     memory_format: str = ""
+    batch_norm: str = ""
 
 
 class _Acc:
@@ -125,21 +126,25 @@ def _unrolled(unit: Unit, setup: Setup) -> UnitResult:
     ph_leaf = [p.detach().requires_grad_() for p in setup.phi0]
     lr_leaf = plan.requires_grad_()
     T = unit.T
+    counted = setup.bn.counted
     with torch.enable_grad():
         theta = [unit.stack(t) for t in th_leaf]
         s_loss = None
         meta = 0.0
         for i in range(steps):
-            loss, _ = unit.loss(theta, ph_leaf, "s")
+            with counted():
+                loss, _ = unit.loss(theta, ph_leaf, "s")
             if s_loss is None:
                 s_loss = loss.detach()
             g = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
             g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, theta)]
             theta = ops.sgd_update(theta, g, plan.step_lr(i, T), wd)
             if weights is not None and i + 1 < steps:
-                lq, _ = unit.loss(theta, ph_leaf, "q")
+                with counted():
+                    lq, _ = unit.loss(theta, ph_leaf, "q")
                 meta = meta + weights[i] * lq
-        lq, out = unit.loss(theta, ph_leaf, "q")
+        with counted():
+            lq, out = unit.loss(theta, ph_leaf, "q")
         meta = meta + (weights[-1] * lq if weights is not None else lq)
         if s_loss is None:
             s_loss, _ = unit.loss(theta, ph_leaf, "s")
@@ -163,7 +168,7 @@ class ModelSteps(Steps):
     def __init__(self, unit: Unit, setup: Setup, method: Optional[str]):
         self.unit, self.T, self.method, self.K = unit, unit.T, method, setup.steps
         self.phi = [p.detach() for p in setup.phi0]
-        self.tape = setup.tape
+        self.tape, self.counted = setup.tape, setup.bn.counted
         self.budget = setup.keep_graph_bytes if method == "double_backward" else 0.0
         self.needs_grads = method == "finite_difference"
         self.states: List[object] = []
@@ -180,6 +185,10 @@ class ModelSteps(Steps):
         return [torch.zeros_like(p) for p in self.phi]
 
     def support_grad(self, i, theta):
+        with self.counted():
+            return self._support_grad(i, theta)
+
+    def _support_grad(self, i, theta):
         self.states.append(self.tape.capture())
         if self.budget > 0 and (i == 0 or i >= self.first_kept):
             sg = StepGraph(self.unit, theta, self.phi, measure=(i == 0))
@@ -195,7 +204,8 @@ class ModelSteps(Steps):
         return loss_and_grad(self.unit, theta, self.phi, "s")[0]
 
     def query_grad(self, theta):
-        return loss_and_grad(self.unit, theta, self.phi, "q", with_phi=True)
+        with self.counted():
+            return loss_and_grad(self.unit, theta, self.phi, "q", with_phi=True)
 
     def forward_done(self):
         self.end_state = self.tape.capture()
@@ -239,7 +249,7 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
                   engine: str = "auto", hvp: str = "auto", step_weights: Optional[Sequence] = None,
                   adapt: Optional[Iterable[str]] = None, task_batching: str = "auto",
                   weight_decay: float = 0.0, keep_graphs_mib: float = DEFAULT_KEEP_GRAPHS_MIB,
-                  memory_format: str = "auto") -> MetaGradient:
+                  memory_format: str = "auto", batch_norm: str = "mode") -> MetaGradient:
     """The exact (or first-order) MAML meta-gradient of the mean query loss over ``tasks``.
 
     model          any nn.Module; run through ``torch.func.functional_call`` on ``params``
@@ -271,12 +281,16 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
                    falling back to "preserve" with a warning when the model fails in channels-last
                    (a ``.view`` that assumes NCHW strides). Gradients come back in each
                    parameter's own layout either way.
+    batch_norm     "mode" | "transductive": BatchNorm follows the module's mode (train: batch
+                   statistics, running statistics updated by the forward passes an unrolled loop
+                   would run; eval: running statistics), or uses batch statistics always and leaves
+                   running statistics alone (the MAML paper). See :mod:`pymaml.functional.buffers`.
 
-    Nothing is modified: neither the module's parameters and buffers nor their ``.grad``.
+    Nothing else is modified: neither the module's parameters (and other buffers) nor their ``.grad``.
     """
     opts = _Options(params=params, steps=steps, lr=lr, engine=engine, hvp=hvp, step_weights=step_weights,
                     adapt=adapt, task_batching=task_batching, weight_decay=weight_decay,
-                    keep_graphs_mib=keep_graphs_mib, memory_format=memory_format)
+                    keep_graphs_mib=keep_graphs_mib, memory_format=memory_format, batch_norm=batch_norm)
     first = next(iter((params or dict(model.named_parameters())).values()), None)
     tape = RngTape(memory_format == "auto" and has_randomness(model),
                    first.device if isinstance(first, Tensor) else None)
@@ -309,6 +323,7 @@ class _Options:
     weight_decay: float
     keep_graphs_mib: float
     memory_format: str
+    batch_norm: str
 
     def resolved(self, op: str):
         """(engine, hvp method, whether hvp was "auto"), validated."""
@@ -322,6 +337,7 @@ class _Options:
         hvp = DEFAULT_HVP if self.hvp == "auto" else self.hvp
         if hvp not in HVP_METHODS:
             raise ValueError(f"{op}: hvp must be one of {HVP_METHODS + ('auto',)}, got {self.hvp!r}")
+        check_policy(op, self.batch_norm)
         return engine, hvp, self.hvp == "auto"
 
 
@@ -343,14 +359,22 @@ def _meta_gradient(model, tasks, loss_fn, opts: _Options) -> MetaGradient:
         phi0 = [_layout.to_layout(t, layout) for t in phi0]
         for unit in units:
             unit.to_layout(layout)
+    if batched and opts.batch_norm == "mode" and updates_running_stats(model):
+        raise ValueError(f"{op}: task_batching='vmap' cannot update BatchNorm running statistics task by task; "
+                         f"use task_batching='loop' (the automatic choice for BatchNorm models), "
+                         f"batch_norm='transductive', or put the BatchNorm layers in eval() mode")
     dev = theta0[0].device if theta0 else None
-    setup = Setup(names_ad=names_ad, names_fx=names_fx, theta0=theta0, phi0=phi0, plan=plan, steps=steps,
-                  weights=weights, weight_decay=float(opts.weight_decay), scale=1.0 / n_tasks, hvp=hvp,
-                  keep_graph_bytes=float(opts.keep_graphs_mib) * 2**20, tape=RngTape(has_randomness(model), dev))
     acc = _Acc(len(theta0), len(phi0), len(plan.leaves))
-    with batch_norm_policy(model, primitive=batched):
+    with batch_norm_policy(model, primitive=batched, policy=opts.batch_norm) as bn:
+        setup = Setup(names_ad=names_ad, names_fx=names_fx, theta0=theta0, phi0=phi0, plan=plan, steps=steps,
+                      weights=weights, weight_decay=float(opts.weight_decay), scale=1.0 / n_tasks, hvp=hvp,
+                      keep_graph_bytes=float(opts.keep_graphs_mib) * 2**20,
+                      tape=RngTape(has_randomness(model), dev), bn=bn)
         head_kind = None
-        if engine == "recompute" and hvp_auto:
+        # With a multi-step loss an unrolled loop interleaves support and query passes, whose running
+        # statistics updates the head path (the body run once per set) cannot interleave.
+        interleaved = weights is not None and opts.batch_norm == "mode" and updates_running_stats(model)
+        if engine == "recompute" and hvp_auto and not interleaved:
             head_kind = head_path.applicable(model, names_ad, loss_fn)
             if head_kind is not None and not head_path.verify(model, names_ad, names_fx, params,
                                                               units[0].support[0][0] if batched else units[0].support[0]):
@@ -371,4 +395,5 @@ def _meta_gradient(model, tasks, loss_fn, opts: _Options) -> MetaGradient:
                         query_outputs=acc.outputs, support_loss=acc.s * scale,
                         meta_loss=torch.as_tensor(acc.m) * scale, engine=engine,
                         hvp=None if engine != "recompute" else hvp,
-                        task_batching="vmap" if batched else "loop", memory_format=layout)
+                        task_batching="vmap" if batched else "loop", memory_format=layout,
+                        batch_norm=opts.batch_norm)

@@ -200,13 +200,14 @@ def model_call(model: nn.Module, names_ad: Sequence[str], names_fx: Sequence[str
 def inner_loop(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor], *,
           params: Optional[Mapping[str, Tensor]] = None, steps: int = 1, lr=0.01,
           adapt: Optional[Iterable[str]] = None, create_graph: bool = False,
-          weight_decay: float = 0.0) -> Dict[str, Tensor]:
+          weight_decay: float = 0.0, batch_norm: str = "mode") -> Dict[str, Tensor]:
     """Runs K inner SGD steps on one task's support set; returns θ_K as a dict over every name in
     ``params`` (fixed, non-adapted entries are returned as given).
 
     ``create_graph=True`` keeps the graph so θ_K is differentiable in ``params`` and in the ``lr``
-    tensors (the unrolled path); otherwise θ_K is detached. BatchNorm follows the policy of
-    :mod:`pymaml.functional.buffers`. ``adapt`` names the adapted parameters, as in
+    tensors (the unrolled path); otherwise θ_K is detached. BatchNorm follows ``batch_norm``
+    (:mod:`pymaml.functional.buffers`): under ``"mode"`` a train-mode layer's running statistics
+    are updated once per inner step, as by an ordinary forward pass. ``adapt`` names the adapted parameters, as in
     :func:`~pymaml.functional.meta_gradient` (default: all).
 
     Also available under its former name ``pymaml.functional.adapt``.
@@ -221,7 +222,7 @@ def inner_loop(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callab
     phi = [params[n] for n in names_fx]
     x, y = support
     plan = LrPlan(op, lr, steps, names_ad, theta)  # validates lr whichever path runs
-    with batch_norm_policy(model), torch.enable_grad():
+    with batch_norm_policy(model, policy=batch_norm) as bn, bn.counted(), torch.enable_grad():
         if create_graph:
             plan_lr = _user_lr_forms(lr, steps, names_ad)  # the user's own tensors: the graph reaches them
             th = list(theta)

@@ -44,6 +44,7 @@ class Setup:
     hvp: Optional[str] = None           # HVP method of the recompute engine
     keep_graph_bytes: float = 0.0       # recompute + double backward: graphs kept within this budget
     tape: object = None                 # the RngTape of the call
+    bn: object = None                   # the BatchNormPolicy of the call (marks counted forward passes)
 
 
 class UnitResult(NamedTuple):
