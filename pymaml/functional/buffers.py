@@ -24,9 +24,10 @@ the algorithms and :class:`pymaml.MetaOptimizer`) takes ``batch_norm=``:
     its running statistics are neither read nor written, so nothing computed on one task leaks into
     another.
 
-With ``task_batching="vmap"`` (tasks stacked in one computation) running statistics cannot be
-updated task by task: ``"mode"`` with a BatchNorm layer in train mode that tracks running statistics
-raises a ``ValueError`` there (the automatic choice runs BatchNorm models task by task anyway).
+With ``task_batching="vmap"`` (tasks stacked in one computation) each task's batch statistics are
+computed inside the mapped pass and the running statistics are updated from them after the unit's
+forward sweep, task after task and pass after pass: the same sequence of updates as the task loop
+(equal up to rounding, since the update is written out instead of run by ``F.batch_norm``).
 Affine parameters (``weight``, ``bias``) are ordinary meta-parameters in every case.
 
 The policy is applied by :func:`batch_norm_policy`, which for the duration of a call replaces the
@@ -56,7 +57,8 @@ caller is the same for every engine.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional
+import weakref
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +67,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import batch_norm as _fused_batch_norm
 
-__all__ = ["BATCH_NORM_POLICIES", "batch_norm_policy", "BatchNormPolicy", "has_batch_norm", "has_randomness",
+__all__ = ["BATCH_NORM_POLICIES", "batch_norm_policy", "BatchNormPolicy", "active_policy", "has_batch_norm", "has_randomness",
            "updates_running_stats", "RngTape", "primitive_batch_norm"]
 
 
@@ -115,11 +117,19 @@ def _uses_running_stats(m: _BatchNorm) -> bool:
 
 class BatchNormPolicy:
     """The active policy of one :func:`batch_norm_policy` block. Forward passes run inside
-    :meth:`counted` update running statistics (``"mode"``, train-mode layers); all others do not."""
+    :meth:`counted` update running statistics (``"mode"``, train-mode layers); all others do not.
+
+    Under vmap (``primitive=True``) a counted pass cannot write the buffers: each layer's per-task
+    mean and unbiased variance are collected (:meth:`collect`, returned out of the mapped function
+    by :class:`pymaml.functional.batching.Unit`), kept by :meth:`record`, and applied in task order
+    by :meth:`flush`. The head-only path collects the statistics of its two body passes and
+    :meth:`replay` s them in the order of the unrolled loop's passes."""
 
     def __init__(self, policy: str, primitive: bool):
         self.policy, self.primitive = policy, primitive
         self.times = 0
+        self._collecting: Optional[list] = None    # (module, mean, var) of the mapped call in progress
+        self._pending: List[tuple] = []            # (times, [(module, mean [T, C], var [T, C])])
 
     @contextlib.contextmanager
     def counted(self, times: int = 1) -> Iterator[None]:
@@ -130,16 +140,60 @@ class BatchNormPolicy:
         finally:
             self.times = old
 
+    def collects(self, model: nn.Module) -> bool:
+        """Whether a mapped pass of ``model`` run now must return batch statistics."""
+        return self.primitive and self.times > 0 and self.policy == "mode" and updates_running_stats(model)
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[list]:
+        """Counted passes in the block gather their layers' batch statistics instead of writing them."""
+        self._collecting = out = []
+        try:
+            yield out
+        finally:
+            self._collecting = None
+
+    def record(self, modules: Sequence[_BatchNorm], stats: Sequence[Tensor]) -> None:
+        """Keeps the statistics a mapped pass returned ([T, C] means and variances, alternating)."""
+        self._pending.append((self.times, [(m, stats[2 * k], stats[2 * k + 1]) for k, m in enumerate(modules)]))
+
+    def flush(self) -> None:
+        """Applies the recorded statistics task by task, each task's passes in order."""
+        pending, self._pending = self._pending, []
+        n_tasks = next((mean.shape[0] for _, layers in pending for _, mean, _ in layers), 0)
+        for t in range(n_tasks):
+            self.replay([[(m, mean[t], var[t]) for m, mean, var in layers] for times, layers in pending
+                         for _ in range(times)])
+
+    def replay(self, passes: Sequence[Sequence[tuple]]) -> None:
+        """Updates running statistics as the given forward passes would, in order; each pass is the
+        list of (layer, batch mean, unbiased batch variance) that :meth:`collect` gathered."""
+        with torch.no_grad():
+            for layers in passes:
+                for m, mean, var in layers:
+                    f = self._factor(m)
+                    m.running_mean.mul_(1 - f).add_(f * mean.to(m.running_mean.dtype))
+                    m.running_var.mul_(1 - f).add_(f * var.to(m.running_var.dtype))
+
+    @staticmethod
+    def _factor(m: _BatchNorm) -> float:
+        """Advances ``num_batches_tracked``; the factor of this update (as _BatchNorm.forward)."""
+        factor = 0.0 if m.momentum is None else m.momentum
+        if m.num_batches_tracked is not None:
+            m.num_batches_tracked.add_(1)
+            if m.momentum is None:
+                factor = 1.0 / float(m.num_batches_tracked)
+        return factor
+
     def _update(self, m: _BatchNorm, x: Tensor) -> None:
         with torch.no_grad():
             x = x.detach()
+            if self._collecting is not None:  # gathered (under vmap: per task, leaving as outputs)
+                dims = [0] + list(range(2, x.dim()))
+                self._collecting.append((m, x.mean(dims), x.var(dims, correction=1)))
+                return
             for _ in range(self.times):
-                factor = 0.0 if m.momentum is None else m.momentum
-                if m.num_batches_tracked is not None:
-                    m.num_batches_tracked.add_(1)
-                    if m.momentum is None:
-                        factor = 1.0 / float(m.num_batches_tracked)
-                torch.batch_norm_update_stats(x, m.running_mean, m.running_var, factor)
+                torch.batch_norm_update_stats(x, m.running_mean, m.running_var, self._factor(m))
 
     def forward_for(self, m: _BatchNorm):
         def forward(x: Tensor) -> Tensor:
@@ -157,6 +211,14 @@ class BatchNormPolicy:
         return forward
 
 
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, BatchNormPolicy]" = weakref.WeakKeyDictionary()
+
+
+def active_policy(model: nn.Module) -> Optional[BatchNormPolicy]:
+    """The policy of the innermost :func:`batch_norm_policy` block of ``model``, if any."""
+    return _ACTIVE.get(model)
+
+
 def updates_running_stats(model: nn.Module) -> bool:
     """Whether some BatchNorm layer of ``model`` would update running statistics under ``"mode"``."""
     return any(isinstance(m, _BatchNorm) and _updates_running_stats(m) for m in model.modules())
@@ -170,6 +232,8 @@ def batch_norm_policy(model: nn.Module, primitive: bool = False,
     passes that update running statistics. ``primitive=True`` for vmapped calls."""
     state = BatchNormPolicy(check_policy("batch_norm_policy", policy), primitive)
     patched = []
+    outer = _ACTIVE.get(model)
+    _ACTIVE[model] = state
     try:
         for m in model.modules():
             if isinstance(m, _BatchNorm):
@@ -178,6 +242,10 @@ def batch_norm_policy(model: nn.Module, primitive: bool = False,
                 m.forward = state.forward_for(m)
         yield state
     finally:
+        if outer is None:
+            _ACTIVE.pop(model, None)
+        else:
+            _ACTIVE[model] = outer
         for m, had, old in patched:
             if had:
                 m.forward = old

@@ -167,14 +167,16 @@ def run_head_path(model: nn.Module, loss_kind: str, unit, setup: Setup) -> UnitR
         ph = [p.detach().requires_grad_() for p in setup.phi0]
         pd = {"m." + n: p for n, p in zip(setup.names_fx, ph)}
         pd.update({"m." + n: t.detach() for n, t in zip(setup.names_ad, setup.theta0)})
-        # The body runs once per set; BatchNorm running statistics count as many passes as an unrolled
-        # loop makes: the support set once per inner step, the query set once per (weighted) query loss.
-        n_query = max(setup.steps, 1) if setup.weights is not None else 1
+        # The body runs once per set; its BatchNorm running statistics are updated as by the passes of
+        # an unrolled loop: the support set at every inner step, the query set at every query loss.
+        bn = setup.bn
         with torch.enable_grad():
-            with setup.bn.counted(setup.steps):
+            with bn.counted(), bn.collect() as s_stats:
                 Xs = torch.func.functional_call(fmod, pd, (xs,))
-            with setup.bn.counted(n_query):
+            with bn.counted(), bn.collect() as q_stats:
                 Xq = torch.func.functional_call(fmod, pd, (xq,))
+        K = setup.steps
+        bn.replay([s_stats, q_stats] * K if (setup.weights is not None and K) else [s_stats] * K + [q_stats])
         steps = HeadSteps(loss_kind, setup.names_ad, Xs.detach(), ys, Xq.detach(), yq)
         fwd = forward_sweep(steps, setup, keep_grads=True)
         v, (gXs, gXq), lr_acc = adjoint_sweep(steps, fwd, setup, lr_acc=lr_acc)
