@@ -243,7 +243,7 @@ def test_finite_difference_steps_around_a_relu_kink(offset, kink_found):
     tried (1e-13) is reported with a RuntimeWarning."""
     from pymaml.functional.batching import make_units
     from pymaml.functional.buffers import batch_norm_policy
-    from pymaml.functional.hvp import hvp, loss_and_grad
+    from pymaml.functional.hessian import hessian_vector_product as hvp, loss_and_grad
     torch.manual_seed(0)
     model = MLP((1, 4, 1))
     xs, ys = torch.linspace(-1, 1, 6).reshape(6, 1) + 0.3, torch.randn(6, 1)
@@ -594,7 +594,7 @@ def test_memory_format_auto_choice():
 def test_recompute_partial_graph_budget():
     """A budget holding two steps' graphs: the last two steps reuse graphs, the first three recompute."""
     from pymaml.functional.batching import make_units
-    from pymaml.functional.hvp import StepGraph
+    from pymaml.functional.hessian import StepGraph
     model, tasks, loss_fn = conv_setup(n_tasks=1)
     names = [n for n, _ in model.named_parameters()]
     units, _, _ = make_units(model, loss_fn, names, [], tasks, "loop")

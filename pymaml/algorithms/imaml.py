@@ -6,7 +6,7 @@ through the fused ``pymaml.ops.sgd_update``). Meta-gradient per task:
     (I + H/λ)⁻¹ ∇L_q(φ),   H = ∇²L_s(φ)
 
 solved by ``cg_steps`` iterations of conjugate gradient, each one Hessian-vector product at φ from
-:mod:`pymaml.functional.hvp` (``hvp=``: "auto" = double backward, "jvp", "finite_difference"). The
+:mod:`pymaml.functional.hessian` (``hvp=``: "auto" = double backward, "jvp", "finite_difference"). The
 meta-gradient is exact when φ is the exact proximal minimiser and CG has converged; it does not
 depend on the path the inner loop took, so memory is independent of ``inner_steps``.
 
@@ -26,7 +26,7 @@ from ..functional import Task, layout as _layout
 from ..functional.batching import Unit
 from ..functional.buffers import batch_norm_policy
 from ..functional.engines import DEFAULT_HVP
-from ..functional.hvp import hessian_vector_product, loss_and_grad
+from ..functional.hessian import hessian_vector_product, loss_and_grad
 from .base import Algorithm, MetaStep, task_list
 
 

@@ -46,8 +46,8 @@ from .. import ops
 from . import head_path
 from . import layout as _layout
 from .batching import Unit, make_units
-from .buffers import RngTape, batch_norm_policy, check_policy, has_randomness, updates_running_stats
-from .hvp import HVP_METHODS, StepGraph, hessian_vector_product, loss_and_grad
+from .buffers import RngTape, batch_norm_policy, check_policy, has_randomness
+from .hessian import HVP_METHODS, StepGraph, hessian_vector_product, loss_and_grad
 from .inner import LrPlan, split_params
 from .sweep import Setup, Steps, UnitResult, adjoint_sweep, forward_sweep
 
@@ -359,10 +359,6 @@ def _meta_gradient(model, tasks, loss_fn, opts: _Options) -> MetaGradient:
         phi0 = [_layout.to_layout(t, layout) for t in phi0]
         for unit in units:
             unit.to_layout(layout)
-    if batched and opts.batch_norm == "mode" and updates_running_stats(model):
-        raise ValueError(f"{op}: task_batching='vmap' cannot update BatchNorm running statistics task by task; "
-                         f"use task_batching='loop' (the automatic choice for BatchNorm models), "
-                         f"batch_norm='transductive', or put the BatchNorm layers in eval() mode")
     dev = theta0[0].device if theta0 else None
     acc = _Acc(len(theta0), len(phi0), len(plan.leaves))
     with batch_norm_policy(model, primitive=batched, policy=opts.batch_norm) as bn:
@@ -371,10 +367,7 @@ def _meta_gradient(model, tasks, loss_fn, opts: _Options) -> MetaGradient:
                       keep_graph_bytes=float(opts.keep_graphs_mib) * 2**20,
                       tape=RngTape(has_randomness(model), dev), bn=bn)
         head_kind = None
-        # With a multi-step loss an unrolled loop interleaves support and query passes, whose running
-        # statistics updates the head path (the body run once per set) cannot interleave.
-        interleaved = weights is not None and opts.batch_norm == "mode" and updates_running_stats(model)
-        if engine == "recompute" and hvp_auto and not interleaved:
+        if engine == "recompute" and hvp_auto:
             head_kind = head_path.applicable(model, names_ad, loss_fn)
             if head_kind is not None and not head_path.verify(model, names_ad, names_fx, params,
                                                               units[0].support[0][0] if batched else units[0].support[0]):
@@ -384,6 +377,7 @@ def _meta_gradient(model, tasks, loss_fn, opts: _Options) -> MetaGradient:
                 acc.add(head_path.run_head_path(model, head_kind, unit, setup))
             else:
                 acc.add(_RUN[engine](unit, setup))
+            bn.flush()  # running statistics a stacked unit collected, in task order
     if head_kind is not None:
         hvp = "linear_head"
     grads = dict(zip(names_ad, acc.th))

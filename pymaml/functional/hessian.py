@@ -1,5 +1,9 @@
 """Gradients and Hessian-vector products of the support loss at one inner step.
 
+:func:`hessian_vector_product` runs one of the methods that ``meta_gradient``'s ``hvp=`` option names
+(:data:`HVP_METHODS`). This module was ``pymaml.functional.hvp`` and the function ``hvp``; both
+old names still work.
+
 Every HVP function takes θ_i (adapted tensors, possibly task-stacked), φ (the fixed, non-adapted
 tensors) and a direction u over θ, and returns ``(g, Hu, Mu)``:
 
@@ -226,5 +230,4 @@ def hessian_vector_product(method: str, unit, theta: Sequence[Tensor], phi: Sequ
     return fn(unit, theta, phi, u, replay, grad)
 
 
-#: former name of :func:`hessian_vector_product`
-hvp = hessian_vector_product
+hvp = hessian_vector_product  # former name
