@@ -4,7 +4,7 @@
 :func:`fast_forward`, which applies two of the engine's speed-ups to an ordinary unrolled loop:
 
 - **BatchNorm with batch statistics** (train mode, or no running statistics) goes to
-  :func:`pymaml.batch_norm.batch_norm`, whose second derivative is the fused
+  :func:`pymaml.ops.batch_norm`, whose second derivative is the fused
   ``pymaml::batch_norm_double_backward``: the same values and gradients as ``F.batch_norm``, a
   cheaper Hessian-vector product. Running statistics are updated exactly as ``F.batch_norm``
   updates them (``momentum * batch + (1 - momentum) * running``, unbiased variance), once per
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .batch_norm import compiled_available
-from .reference_bn import check_batch_norm
+from . import _backend
+from .ops import batch_norm_stats
 from .functional.layout import to_layout
 
 __all__ = ["fast_forward", "layout_inputs"]
@@ -43,10 +43,9 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                 momentum: float = 0.1, eps: float = 1e-5):
     """``F.batch_norm`` through the fused op where it applies; ``NotImplemented`` elsewhere."""
     if (not training or _functorch_active() or not isinstance(input, Tensor) or input.dtype not in _FUSED_DTYPES
-            or input.dim() < 2 or not compiled_available(input.device)):
+            or input.dim() < 2 or not _backend.compiled_available("batch_norm_double_backward", input.device)):
         return NotImplemented
-    check_batch_norm("batch_norm", input, weight, bias)
-    y, mean, invstd = torch.ops.pymaml.batch_norm(input, weight, bias, float(eps))
+    y, mean, invstd = batch_norm_stats(input, weight, bias, eps)
     if running_mean is not None or running_var is not None:
         # The batch's statistics come with the normalisation (no second pass over x): the biased
         # variance is invstd⁻² − eps, made unbiased as F.batch_norm does for running_var.
