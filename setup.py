@@ -12,6 +12,8 @@ If compiling fails the install still succeeds (pure-torch backend) with a warnin
 import glob
 import os
 import platform
+import sys
+import sysconfig
 import warnings
 
 from setuptools import find_packages, setup
@@ -70,6 +72,15 @@ def _extensions():
 def _build_ext_class(base, use_cuda, avx2):
     class BuildExt(base):
         """Records what was built (pymaml/_build_info.py) and turns a failed compile into a warning."""
+
+        def finalize_options(self):
+            # `pip install -e` would compile in a fresh temporary folder each time, a full rebuild
+            # per install. Objects kept in build/ let ninja recompile only what changed (it tracks
+            # sources, headers and flags) and relink; an explicit --build-temp still wins.
+            if self.build_temp is None:
+                tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+                self.build_temp = os.path.join("build", f"temp.{tag}")
+            super().finalize_options()
 
         def run(self):
             try:

@@ -1,4 +1,4 @@
-"""Closed-form linear-head HVP against double backward (issue 3, item 5), CPU.
+"""Closed-form linear-head HVP against double backward, CPU.
 
 Each method produces the same three tensors: H·(V, v_b) for (W, b) and grad_x = ∂/∂x ⟨∇_{W,b} L, (V, v_b)⟩.
   double backward  autograd: loss, grad with create_graph, grad of ⟨grad, v⟩ w.r.t. (W, b, x)

@@ -8,7 +8,7 @@ AGREE_TOL = 1e-8
 MiB = 2 ** 20
 VMAP_BN_NOTE = ("torch.func + vmap on the BatchNorm conv nets: second-order gradients through "
                 "`F.batch_norm` with batch statistics are wrong under `torch.func.vmap` in torch 2.14 "
-                "(DESIGN.md pitfalls); pymaml avoids it (loop, or a primitive-op BatchNorm under vmap).")
+                "(docs/design.md, Known pitfalls); pymaml avoids it (loop, or a primitive-op BatchNorm under vmap).")
 
 
 def _is_pymaml(name: str) -> bool:

@@ -7,4 +7,5 @@ __version__ = "0.1.0"
 
 from . import algorithms
 from .optim import MetaOptimizer
-from .wrapper import MAML
+from .wrapper import MAML, MetaSGD
+from .module_utils import clone_module, detach_module, update_module

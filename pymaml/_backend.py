@@ -1,17 +1,24 @@
 """The one backend decision: compiled kernels (``pymaml._C``) or the pure-torch reference.
 
 Decided once, at import: ``PYMAML_BACKEND=torch`` forces the reference; otherwise ``pymaml._C`` is
-imported and a tiny probe is run on the CPU. CUDA kernels are probed the first time a CUDA tensor
-reaches an op. Why a compiled path is missing is recorded (not built, built for another torch,
-failed probe) and reported by ``pymaml.backend_reason()`` and ``python -m pymaml.info``; a fallback
-warns once through ``warnings``.
+imported, its Python-side registrations (:mod:`pymaml._registration`) run, and a tiny probe is run
+on the CPU. CUDA kernels are probed the first time a CUDA tensor reaches an op. Why a compiled path
+is missing is recorded (not built, built for another torch, failed probe) and reported by
+``pymaml.backend_reason()`` and ``python -m pymaml.info``; a fallback warns once through
+``warnings``.
+
+:func:`compiled_available` is the one question every op wrapper asks ("does this op run compiled
+for tensors of this device type?"); its answer is fixed per (op, device type) once asked. When the
+package runs compiled but a call has to take the pure-torch path (a device type without kernels),
+:func:`note_fallback` counts it and warns once per op and device type; ``python -m pymaml.info``
+prints the counts (:func:`fallback_counts`).
 """
 from __future__ import annotations
 
 import glob
 import os
 import warnings
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -19,6 +26,10 @@ _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # device type -> (compiled usable?, reason)
 _DEVICE_STATE: Dict[str, tuple] = {}
+# (op, device type) -> compiled usable?
+_OP_STATE: Dict[Tuple[str, str], bool] = {}
+# (op, device type) -> calls that ran on the pure-torch ops although the package runs compiled
+_FALLBACKS: Dict[Tuple[str, str], int] = {}
 _STATE = {"backend": "torch", "reason": "", "loaded": False, "error": None}
 
 
@@ -134,6 +145,50 @@ def compiled_for(device_type: str) -> bool:
 def device_reason(device_type: str) -> str:
     compiled_for(device_type)
     return _DEVICE_STATE[device_type][1]
+
+
+_DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+
+
+def compiled_available(op: str, device) -> bool:
+    """Whether ``torch.ops.pymaml.<op>`` serves tensors on ``device`` (a ``torch.device`` or a device
+    type string): the backend decision says compiled for that device type and the loaded extension
+    holds a kernel of ``op`` for it. Decided once per (op, device type)."""
+    typ = device if isinstance(device, str) else device.type
+    key = (op, typ)
+    ok = _OP_STATE.get(key)
+    if ok is None:
+        ok = _OP_STATE[key] = _op_decide(op, typ)
+    return ok
+
+
+def _op_decide(op: str, typ: str) -> bool:
+    if not compiled_for(typ):
+        return False
+    dk = _DISPATCH_KEY.get(typ)
+    if dk is None or not hasattr(torch.ops.pymaml, op):
+        return False
+    if typ == "meta":  # fake kernels (pymaml._registration) serve meta tensors
+        return True
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"pymaml::{op}", dk)
+
+
+def note_fallback(op: str, device_type: str, why: str = "") -> None:
+    """Counts a call of ``op`` that ran on the pure-torch ops while the package runs compiled, and
+    warns the first time for each (op, device type)."""
+    key = (op, device_type)
+    n = _FALLBACKS.get(key, 0)
+    _FALLBACKS[key] = n + 1
+    if n == 0:
+        why = why or device_reason(device_type)
+        warnings.warn(f"pymaml: {op} on {device_type} tensors runs on the pure-torch ops (slower): {why}",
+                      RuntimeWarning, stacklevel=3)
+
+
+def fallback_counts() -> Dict[str, int]:
+    """``"op on device"`` -> number of calls that took the pure-torch path although the package runs
+    compiled (empty when none did)."""
+    return {f"{op} on {dev}": n for (op, dev), n in sorted(_FALLBACKS.items())}
 
 
 def _decide(device_type: str) -> tuple:

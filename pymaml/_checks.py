@@ -1,8 +1,8 @@
-"""Input validation shared by the compiled ops wrapper and the pure-torch reference.
+"""Input validation and dtype rules shared by ``pymaml.ops`` and the pure-torch ``pymaml.reference``.
 
 Every error names the op and the offending values, e.g.
 ``sgd_update: params and grads differ in length: 12 vs 11``.
-Both backends call the same checks, so they reject exactly the same inputs.
+Each public op validates its inputs once, here, whichever backend then runs it.
 """
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ import torch
 from torch import Tensor
 
 LrLike = Union[float, Tensor, Sequence[Tensor]]
+
+#: dtypes whose arithmetic runs in float32 and is rounded once on the way out
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute in for inputs of ``dtype`` (float32 for half types)."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
 def as_list(op: str, name: str, tensors) -> list:
@@ -80,3 +88,59 @@ def normalize_lr(op: str, lr: LrLike, params: Sequence[Tensor], name: str = "lr"
         if a.device != p.device:
             raise ValueError(f"{op}: {name}[{i}] is on {a.device} but params[{i}] is on {p.device}")
     return "list", lrs
+
+
+def check_update(op: str, params, grads, lr: LrLike):
+    """``sgd_update``/``sgd_update_`` inputs -> (params, grads, lr kind, normalized lr)."""
+    params = as_list(op, "params", params)
+    grads = as_list(op, "grads", grads)
+    check_pairs(op, ("params", "grads"), (params, grads))
+    kind, lr = normalize_lr(op, lr, params)
+    return params, grads, kind, lr
+
+
+def check_no_grad(op: str, params: Sequence[Tensor]) -> None:
+    """In-place ops are for no-grad use."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        raise RuntimeError(f"{op}: params require grad; the in-place update is for no-grad use. "
+                           f"Wrap the call in torch.no_grad() or use sgd_update (out of place).")
+
+
+def check_step(op: str, v, hvp, grads, lr: LrLike, next_lr):
+    """``backward_step`` inputs -> (v, hvp, grads, kind, lr, next kind or None, next lr or None)."""
+    v = as_list(op, "v", v)
+    hvp = as_list(op, "hvp", hvp)
+    grads = as_list(op, "grads", grads)
+    check_pairs(op, ("v", "hvp", "grads"), (v, hvp, grads))
+    kind, lr = normalize_lr(op, lr, v)
+    nkind, nlr = (None, None) if next_lr is None else normalize_lr(op, next_lr, v, "next_lr")
+    return v, hvp, grads, kind, lr, nkind, nlr
+
+
+def check_eps(op: str, eps) -> None:
+    """A non-zero float or a one-element Tensor."""
+    if isinstance(eps, Tensor):
+        if eps.numel() != 1:
+            raise ValueError(f"{op}: eps must hold one number, got shape {tuple(eps.shape)}")
+        return
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        raise TypeError(f"{op}: eps must be a float or a one-element Tensor, got {type(eps).__name__}")
+    if eps == 0:
+        raise ValueError(f"{op}: eps must be non-zero, got {eps}")
+
+
+def check_fd(op: str, names: Sequence[str], a, b, eps):
+    """``fd_perturb``/``fd_quotient`` inputs -> (a, b) as lists."""
+    a = as_list(op, names[0], a)
+    b = as_list(op, names[1], b)
+    check_pairs(op, names, (a, b))
+    check_eps(op, eps)
+    return a, b
+
+
+def check_norm(op: str, tensors) -> list:
+    tensors = as_list(op, "tensors", tensors)
+    check_floating(op, "tensors", tensors)
+    if not tensors:
+        raise ValueError(f"{op}: tensors is empty")
+    return tensors

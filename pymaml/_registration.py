@@ -1,9 +1,16 @@
-"""Fake (meta) kernels and autograd for the compiled ops in ``torch.ops.pymaml``.
+"""Every Python-side registration of the compiled ops in ``torch.ops.pymaml``, in one place:
+fake (meta) kernels, autograd formulas and vmap rules.
 
-Imported by ``pymaml._backend`` right after ``pymaml._C`` loads. Backward formulas are written in
-plain differentiable torch ops, so gradients of gradients (gradgradcheck, MAML through an unrolled
-graph) work through the out-of-place ops. In-place ops (``sgd_update_``, ``sgd_update_lrs_``,
-``clip_grad_norm_``) have no autograd: ``pymaml.ops`` refuses them on tensors that require grad.
+Imported once by ``pymaml._backend`` right after ``pymaml._C`` loads (the schemas must exist).
+
+* fused update, adjoint step, finite differences, norms: backward formulas written in plain
+  differentiable torch ops, so gradients of gradients (gradgradcheck, MAML through an unrolled
+  graph) work through the out-of-place ops. In-place ops (``sgd_update_``, ``sgd_update_lrs_``,
+  ``clip_grad_norm_``) have no autograd: ``pymaml.ops`` refuses them on tensors that require grad.
+* BatchNorm (``batch_norm`` → ``batch_norm_backward`` → ``batch_norm_double_backward``): the
+  derivative chain of :mod:`pymaml.reference.batchnorm`, with the compiled ops as its links.
+* ``linear_head_hvp``: a fake kernel and a vmap rule (its autograd kernel is in C++: the outputs
+  read the inputs as constants).
 """
 from __future__ import annotations
 
@@ -12,11 +19,9 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-_LOW = (torch.float16, torch.bfloat16)
-
-
-def _opm(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _LOW else dtype
+from ._checks import opmath_dtype as _opm
+from .reference import batchnorm as _bn
+from .reference.batchnorm import check_batch_norm
 
 
 def _like(ts: Sequence[Tensor], dtypes: Optional[Sequence[torch.dtype]] = None) -> List[Tensor]:
@@ -275,3 +280,67 @@ def _backward_norm(ctx, g):
 
 
 torch.library.register_autograd("pymaml::global_norm", _backward_norm, setup_context=_setup_norm)
+
+
+# --------------------------------------------------------------------------- BatchNorm
+def _like_x(x, dtype=None):
+    """x-shaped outputs keep a channels-last layout (as ATen's batch norm and the fused kernel)."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+        return torch.empty_like(x, dtype=dtype, memory_format=fmt)
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.register_fake("pymaml::batch_norm")
+def _(x, weight, bias, eps):
+    check_batch_norm("batch_norm", x, weight, bias)
+    st, c = _opm(x.dtype), x.shape[1]
+    return _like_x(x), x.new_empty((c,), dtype=st), x.new_empty((c,), dtype=st)
+
+
+@torch.library.register_fake("pymaml::batch_norm_backward")
+def _(grad_y, x, weight, mean, invstd, eps):
+    check_batch_norm("batch_norm_backward", x, weight, grad_y=grad_y)
+    wd, c = (weight.dtype if weight is not None else x.dtype), x.shape[1]
+    return _like_x(x), x.new_empty((c,), dtype=wd), x.new_empty((c,), dtype=wd)
+
+
+@torch.library.register_fake("pymaml::batch_norm_double_backward")
+def _(grad_y, x, weight, mean, invstd, eps, gg_x, gg_weight, gg_bias):
+    check_batch_norm("batch_norm_double_backward", x, weight, grad_y=grad_y, gg_x=gg_x)
+    wd = weight.dtype if weight is not None else x.dtype
+    return _like_x(x, grad_y.dtype), _like_x(x), x.new_empty((x.shape[1],), dtype=wd)
+
+
+def _backward_bn(ctx, gy, _g_mean, _g_invstd):
+    return _bn.backward_bn(ctx, gy, torch.ops.pymaml.batch_norm_backward)
+
+
+def _backward_bn_backward(ctx, g_x, g_w, g_b):
+    return _bn.backward_backward(ctx, g_x, g_w, g_b, torch.ops.pymaml.batch_norm_double_backward)
+
+
+torch.library.register_autograd("pymaml::batch_norm", _backward_bn, setup_context=_bn.setup_bn)
+torch.library.register_autograd("pymaml::batch_norm_backward", _backward_bn_backward,
+                                setup_context=_bn.setup_backward)
+torch.library.register_autograd("pymaml::batch_norm_double_backward", _bn.backward_double,
+                                setup_context=_bn.setup_double)
+
+
+# --------------------------------------------------------------------------- linear head HVP
+@torch.library.register_fake("pymaml::linear_head_hvp")
+def _(x, weight, bias, target, v_weight, v_bias, loss):
+    torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "linear_head_hvp: x and weight must be 2-D")
+    return weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],)), x.new_empty(x.shape)
+
+
+@torch.library.register_vmap("pymaml::linear_head_hvp")
+def _(info, in_dims, x, weight, bias, target, v_weight, v_bias, loss):
+    # Tasks of one meta-batch: a loop over the vmapped dimension (each task's head is a few small
+    # GEMMs, so batching them into one launch would buy little on the CPU).
+    args = (x, weight, bias, target, v_weight, v_bias)
+    outs = []
+    for i in range(info.batch_size):
+        one = [a if d is None or a is None else a.select(d, i) for a, d in zip(args, in_dims[:6])]
+        outs.append(torch.ops.pymaml.linear_head_hvp(*one, loss))
+    return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0)

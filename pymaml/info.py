@@ -28,6 +28,9 @@ def report() -> str:
     if torch.cuda.is_available():
         lines.append(f"  cuda tensors  {'compiled' if _backend.compiled_for('cuda') else 'torch'} "
                      f"({_backend.device_reason('cuda')})")
+    counts = _backend.fallback_counts()
+    lines.append("fallbacks       " + (", ".join(f"{k}: {n}" for k, n in counts.items()) if counts else
+                                       "none (every call in this process ran on the active backend)"))
     return "\n".join(lines)
 
 

@@ -1,18 +1,19 @@
-"""pymaml.batch_norm (ops pymaml::batch_norm, batch_norm_backward, batch_norm_double_backward) against
+"""pymaml.ops.batch_norm (ops pymaml::batch_norm, batch_norm_backward, batch_norm_double_backward) against
 plain autograd through F.batch_norm, on the compiled path and the pure-torch path."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pymaml
-from pymaml import batch_norm as bnmod
-from pymaml import reference_bn
+import pymaml.ops._dispatch
+from pymaml import ops as pops
+from pymaml.reference import batchnorm as reference_bn
 from pymaml.functional.buffers import primitive_batch_norm
 
 from conftest import DEVICES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-HAS_COMPILED = pymaml.backend() == "compiled" and bnmod._op_exists()
+HAS_COMPILED = pymaml._backend.compiled_available("batch_norm_double_backward", "cpu")
 SHAPES = [(6, 3), (4, 3, 7), (3, 4, 5, 6), (2, 3, 2, 3, 4)]
 EPS = 1e-5
 
@@ -23,7 +24,7 @@ def path(request, monkeypatch):
         if not HAS_COMPILED:
             pytest.skip(f"compiled backend unavailable: {pymaml.backend_reason()}")
     else:
-        monkeypatch.setenv("PYMAML_BACKEND", "torch")
+        monkeypatch.setattr(pymaml.ops._dispatch, "COMPILED", False)
     return request.param
 
 
@@ -64,14 +65,14 @@ def derivatives(fn, x, w, b, seed=1):
 def test_first_and_second_derivatives_equal_autograd_float64(path, shape, affine, device):
     x, w, b = inputs(shape, affine=affine, device=device)
     want = derivatives(native, x, w, b)
-    got = derivatives(bnmod.batch_norm, x, w, b)
+    got = derivatives(pops.batch_norm, x, w, b)
     for a, e in zip(got, want):
         assert rel(a, e) < 1e-10
 
 
 def test_gradcheck_and_gradgradcheck(path):
     x, w, b = inputs((3, 2, 2, 3))
-    f = lambda x, w, b: bnmod.batch_norm(x, w, b, EPS)  # noqa: E731
+    f = lambda x, w, b: pops.batch_norm(x, w, b, EPS)  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, w, b))
     assert torch.autograd.gradgradcheck(f, (x, w, b))
 
@@ -81,7 +82,7 @@ def test_third_derivative_equals_primitive_ops(path):
     written from primitive ops, differentiated three times by autograd."""
     x, w, b = inputs((4, 3, 5))
     outs = []
-    for fn in (bnmod.batch_norm, primitive_batch_norm):
+    for fn in (pops.batch_norm, primitive_batch_norm):
         y = fn(x, w, b, EPS)
         g = torch.autograd.grad((y ** 3).sum(), (x, w), create_graph=True)
         h = torch.autograd.grad(g[0].square().sum() + g[1].square().sum(), (x, w), create_graph=True)
@@ -94,7 +95,7 @@ def test_third_derivative_equals_primitive_ops(path):
 def test_lower_precision_matches_float64(path, dtype):
     x, w, b = inputs((8, 4, 6, 6), dtype=dtype)
     want = derivatives(native, *(t.detach().double().requires_grad_() for t in (x, w, b)))
-    got = derivatives(bnmod.batch_norm, x, w, b)
+    got = derivatives(pops.batch_norm, x, w, b)
     tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
     for a, e in zip(got, want):
         assert a.dtype == dtype
@@ -106,7 +107,7 @@ def test_non_contiguous_input(path):
     xc = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     assert not xc.is_contiguous()
     want = derivatives(native, x, w, b)
-    got = derivatives(bnmod.batch_norm, xc, w, b)
+    got = derivatives(pops.batch_norm, xc, w, b)
     for a, e in zip(got, want):
         assert rel(a, e) < 1e-10
 
@@ -168,7 +169,7 @@ def test_double_backward_op_channels_last(shape, others, dtype, device):
         assert a.dtype == e.dtype and a.shape == e.shape
         assert rel(a, e) < tol
     assert got[0].is_contiguous(memory_format=fmt) and got[1].is_contiguous(memory_format=fmt)
-    ys = bnmod.batch_norm(xc, w, None, EPS)
+    ys = pops.batch_norm(xc, w, None, EPS)
     assert ys.is_contiguous(memory_format=fmt)
 
 
@@ -203,7 +204,7 @@ def test_opcheck(affine, channels_last):
 ])
 def test_bad_inputs_name_op_and_values(path, desc, args, exc, words):
     with pytest.raises(exc) as e:
-        bnmod.batch_norm(*args())
+        pops.batch_norm(*args())
     for w in words:
         assert w in str(e.value), (desc, str(e.value))
 
@@ -232,7 +233,7 @@ def test_engine_conv_meta_gradient_uses_it_and_matches_native(path, device):
     torch.manual_seed(0)
     model = ConvNet(1, 3, 4, 16).double().to(device)
     calls = []
-    orig = bnmod.batch_norm
+    orig = pops.batch_norm
 
     def spy(*a, **k):
         calls.append(1)

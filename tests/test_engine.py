@@ -243,7 +243,7 @@ def test_finite_difference_steps_around_a_relu_kink(offset, kink_found):
     tried (1e-13) is reported with a RuntimeWarning."""
     from pymaml.functional.batching import make_units
     from pymaml.functional.buffers import batch_norm_policy
-    from pymaml.functional.hvp import hvp, loss_and_grad
+    from pymaml.functional.hessian import hessian_vector_product as hvp, loss_and_grad
     torch.manual_seed(0)
     model = MLP((1, 4, 1))
     xs, ys = torch.linspace(-1, 1, 6).reshape(6, 1) + 0.3, torch.randn(6, 1)
@@ -417,13 +417,14 @@ def test_mixed_per_step_forms_and_shared_tensor_reused():
     assert rel(res.lr_grads.reshape(1), ref_lr) < 1e-10
 
 
-def test_batch_norm_running_stats_and_module_untouched():
+def test_transductive_batch_norm_leaves_running_stats_and_module_untouched():
     model, tasks, loss_fn = conv_setup()
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for engine in ("unrolled", "recompute", "first_order"):
         for tb in ("loop", "vmap"):
-            meta_gradient(model, tasks, loss_fn, steps=2, lr=0.1, engine=engine, task_batching=tb)
+            meta_gradient(model, tasks, loss_fn, steps=2, lr=0.1, engine=engine, task_batching=tb,
+                          batch_norm="transductive")
     after = model.state_dict()
     for k, v in before.items():
         assert torch.equal(v, after[k]), k
@@ -431,11 +432,12 @@ def test_batch_norm_running_stats_and_module_untouched():
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
-def test_batch_statistics_even_in_eval_mode():
+def test_transductive_batch_statistics_even_in_eval_mode():
     model, tasks, loss_fn = conv_setup()
-    a = meta_gradient(model.train(), tasks, loss_fn, steps=1, lr=0.1)
-    b = meta_gradient(model.eval(), tasks, loss_fn, steps=1, lr=0.1)
+    a = meta_gradient(model.train(), tasks, loss_fn, steps=1, lr=0.1, batch_norm="transductive")
+    b = meta_gradient(model.eval(), tasks, loss_fn, steps=1, lr=0.1, batch_norm="transductive")
     assert torch.equal(flat(a.grads), flat(b.grads))
+    assert a.batch_norm == b.batch_norm == "transductive"
 
 
 class DropoutMLP(nn.Module):
@@ -592,7 +594,7 @@ def test_memory_format_auto_choice():
 def test_recompute_partial_graph_budget():
     """A budget holding two steps' graphs: the last two steps reuse graphs, the first three recompute."""
     from pymaml.functional.batching import make_units
-    from pymaml.functional.hvp import StepGraph
+    from pymaml.functional.hessian import StepGraph
     model, tasks, loss_fn = conv_setup(n_tasks=1)
     names = [n for n, _ in model.named_parameters()]
     units, _, _ = make_units(model, loss_fn, names, [], tasks, "loop")

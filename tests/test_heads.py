@@ -1,4 +1,4 @@
-"""Closed-form linear-head HVPs (pymaml.functional.heads): both backends against double backward.
+"""Closed-form linear-head HVPs (pymaml.ops.linear_head_hvp): both backends against double backward.
 
 The oracle is plain autograd in float64: the Hessian-vector product is the gradient of
 ⟨∇_{W,b} L, (V, v_b)⟩ with respect to (W, b), and grad_x its gradient with respect to x.
@@ -12,16 +12,15 @@ import torch
 import torch.nn.functional as F
 
 import pymaml  # loads the extension when it is built
-from pymaml import reference_heads
-from pymaml.functional import heads
+import pymaml.ops._dispatch
+from pymaml import _backend, ops
+from pymaml.reference import heads as reference_heads
 
 # The op itself (direct calls, opcheck) whenever pymaml._C holds its CPU kernel; the public wrapper
 # on the compiled path only when the package chose it (not under the suite's PYMAML_BACKEND=torch run).
-HAS_COMPILED = heads._op_exists() and torch._C._dispatch_has_kernel_for_dispatch_key(
+HAS_COMPILED = _backend.extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "pymaml::linear_head_hvp", "CPU")
-WRAPPER_COMPILED = heads.compiled_available(torch.device("cpu"))
-if HAS_COMPILED:
-    heads.register_python_kernels()
+WRAPPER_COMPILED = _backend.compiled_available("linear_head_hvp", "cpu")
 BACKENDS = [pytest.param("compiled", marks=pytest.mark.skipif(
                 not WRAPPER_COMPILED, reason=f"compiled backend not active: {pymaml.backend_reason()}")),
             "torch"]
@@ -31,12 +30,11 @@ LOSSES = ["cross_entropy", "mse"]
 def call(backend, *args, monkeypatch=None):
     """The public wrapper with the backend forced, checking that the wrapper really took it."""
     if backend == "torch":
-        monkeypatch.setenv("PYMAML_BACKEND", "torch")
-        assert not heads.compiled_available(args[0].device)
+        monkeypatch.setattr(pymaml.ops._dispatch, "COMPILED", False)
+        assert not pymaml.ops._dispatch.compiled("linear_head_hvp", args[0].device)
     else:
-        monkeypatch.delenv("PYMAML_BACKEND", raising=False)
-        assert heads.compiled_available(args[0].device)
-    return heads.linear_head_hvp(*args)
+        assert _backend.compiled_available("linear_head_hvp", args[0].device)
+    return ops.linear_head_hvp(*args)
 
 
 def make(n, f, c, loss, bias=True, v_bias=True, dtype=torch.float64, seed=0):
@@ -258,7 +256,7 @@ def test_cuda_equals_double_backward_float64(loss, n, f, c, monkeypatch):
         pytest.skip("one class: the Hessian is exactly zero")
     args = tuple(None if a is None else a.cuda() for a in make(n, f, c, loss))
     want = double_backward(*args, loss)
-    backends = ["torch"] + (["compiled"] if heads.compiled_available(torch.device("cuda")) else [])
+    backends = ["torch"] + (["compiled"] if _backend.compiled_available("linear_head_hvp", "cuda") else [])
     for backend in backends:
         got = call(backend, *args, loss, monkeypatch=monkeypatch)
         for a, e in zip(got, want):

@@ -13,7 +13,22 @@ mamlpp    MAML++ (Antoniou et al. 2019): per-step per-tensor step sizes, multi-s
 imaml     iMAML (Rajeswaran et al. 2019): proximal inner loop, implicit gradient by CG
 ========  =====================================================================================
 
-``make(name, model, loss_fn, **settings)`` builds one by name.
+``make(name, model, loss_fn, **settings)`` builds one by name; :class:`pymaml.MetaOptimizer` takes
+the same names (``algorithm="maml"``).
+
+Names
+-----
+The classes carry the algorithms' names from their papers (``MAML``, ``FOMAML``, ``iMAML``, ...) and
+live only in this package. Two classes named ``MAML`` exist on purpose and are never confused by
+an import of this package:
+
+* ``pymaml.algorithms.MAML``: this algorithm (an :class:`Algorithm`: settings, meta-gradient,
+  evaluation), used through :class:`pymaml.MetaOptimizer` or on its own;
+* ``pymaml.MAML``: the learn2learn-style model wrapper (``clone()`` / ``adapt(loss)``), named after
+  ``learn2learn.algorithms.MAML`` so that learn2learn scripts run by changing one import.
+
+The top-level ``pymaml`` namespace exports the wrapper, never an algorithm class; reach the
+algorithms as ``pymaml.algorithms.<Name>`` or by name.
 """
 from .anil import ANIL
 from .base import Algorithm, MetaStep, as_tasks, head_names

@@ -15,8 +15,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..functional import Task, adapt as _adapt, meta_gradient as _meta_gradient
-from ..functional.batching import _is_stacked
+from ..functional import ENGINES, HVP_METHODS, Task, inner_loop, meta_gradient as _meta_gradient
+from ..functional.batching import is_stacked
+from ..functional.buffers import BATCH_NORM_POLICIES, batch_norm_policy
+from ..functional.layout import MEMORY_FORMATS
 
 __all__ = ["Algorithm", "MetaStep", "as_tasks", "head_names", "safe_name"]
 
@@ -47,7 +49,7 @@ def as_tasks(tasks) -> Union[Task, List[Task]]:
         return tasks
     if isinstance(tasks, (tuple, list)) and len(tasks) == 4 and all(isinstance(t, Tensor) for t in tasks):
         return Task((tasks[0], tasks[1]), (tasks[2], tasks[3]))
-    if _is_stacked(tasks):
+    if is_stacked(tasks):
         return Task(tuple(tasks[0]), tuple(tasks[1]))
     return [t if isinstance(t, Task) else Task(tuple(t[0]), tuple(t[1])) for t in tasks]
 
@@ -83,25 +85,43 @@ def safe_name(name: str) -> str:
     return name.replace(".", "__")
 
 
+_TASK_BATCHING = ("auto", "vmap", "loop")
+
+
 class Algorithm(nn.Module):
     """Base class. Settings shared by all algorithms:
 
     inner_lr       α of the inner SGD steps (initial value when the algorithm learns it)
     inner_steps    K inner steps during meta-training
     eval_steps     inner steps at evaluation (default: inner_steps)
-    engine         meta-gradient engine for the second-order algorithms ("auto", "recompute", "unrolled")
+    engine         meta-gradient engine: "auto", "recompute", "unrolled" or "first_order"
+                   (:func:`pymaml.functional.meta_gradient`); first-order algorithms accept only
+                   "auto" and "first_order"
     hvp            HVP method for ``recompute`` ("auto", "double_backward", "jvp", "finite_difference")
     task_batching  "auto", "vmap" or "loop"
     weight_decay   inner-loop L2 term
     memory_format  "auto", "channels_last" or "preserve" (:mod:`pymaml.functional.layout`)
+    batch_norm     "mode" (the module's train/eval mode decides; train-mode running statistics are
+                   updated by the forward passes an unrolled loop would run) or "transductive"
+                   (batch statistics always, running statistics untouched: the MAML paper);
+                   see :mod:`pymaml.functional.buffers`. It applies to meta-training and to
+                   :meth:`adapt`/:meth:`evaluate` alike.
+
+    ``second_order`` (a class attribute, per instance for ANIL) says whether the meta-gradient
+    differentiates through the inner loop's Hessians; a first-order algorithm runs the
+    ``first_order`` engine. A setting an algorithm cannot honour raises a ``ValueError`` naming the
+    algorithm and the value; nothing is silently ignored.
     """
 
     name = "base"
     second_order = True
+    #: per setting, the values this algorithm honours when it restricts them (see _check_settings)
+    supported: Dict[str, Tuple[str, ...]] = {}
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *, inner_lr: float = 0.01,
                  inner_steps: int = 1, eval_steps: Optional[int] = None, engine: str = "auto", hvp: str = "auto",
-                 task_batching: str = "auto", weight_decay: float = 0.0, memory_format: str = "auto"):
+                 task_batching: str = "auto", weight_decay: float = 0.0, memory_format: str = "auto",
+                 batch_norm: str = "mode"):
         super().__init__()
         if not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"{self.name}: inner_steps must be a non-negative int, got {inner_steps!r}")
@@ -113,7 +133,31 @@ class Algorithm(nn.Module):
         self.engine, self.hvp, self.task_batching = engine, hvp, task_batching
         self.weight_decay = float(weight_decay)
         self.memory_format = memory_format
+        self.batch_norm = batch_norm
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        """Every setting is one the engine knows and this algorithm honours."""
+        known = {"engine": ENGINES + ("auto",), "hvp": HVP_METHODS + ("auto",), "task_batching": _TASK_BATCHING,
+                 "memory_format": MEMORY_FORMATS, "batch_norm": BATCH_NORM_POLICIES}
+        allowed = dict(known)
+        if not self.second_order:
+            allowed.update(engine=("auto", "first_order"), hvp=("auto",))
+        allowed.update(self.supported)
+        for key, values in allowed.items():
+            value = getattr(self, key)
+            if value in values:
+                continue
+            if value in known[key]:
+                raise ValueError(f"{self.name}: {key}={value!r} is not supported by this algorithm "
+                                 f"({self._why(key)}); use one of {values}")
+            raise ValueError(f"{self.name}: {key} must be one of {values}, got {value!r}")
+
+    def _why(self, key: str) -> str:
+        if key in ("engine", "hvp") and not self.second_order:
+            return "its meta-gradient is first order: no Hessian terms"
+        return "see its documentation"
 
     # -- what subclasses override -------------------------------------------------------------
     def adapted_names(self) -> Optional[List[str]]:
@@ -126,6 +170,8 @@ class Algorithm(nn.Module):
 
     def engine_settings(self) -> dict:
         """Extra keyword arguments of :func:`pymaml.functional.meta_gradient` (engine, step weights)."""
+        if not self.second_order:
+            return {"engine": "first_order"}
         return {"engine": self.engine, "hvp": self.hvp}
 
     # -- the meta-gradient ------------------------------------------------------------------------
@@ -138,39 +184,48 @@ class Algorithm(nn.Module):
         res = _meta_gradient(self.model, tasks, self.loss_fn, params=self.params(), steps=self.inner_steps, lr=lr,
                              adapt=self.adapted_names(), task_batching=self.task_batching,
                              weight_decay=self.weight_decay, memory_format=self.memory_format,
-                             **self.engine_settings())
+                             batch_norm=self.batch_norm, **self.engine_settings())
         self.iteration += 1
         return MetaStep(grads=res.grads, extra_grads=self.lr_grads_to_params(res.lr_grads),
                         query_loss=res.query_loss, query_outputs=res.query_outputs, support_loss=res.support_loss,
                         info={"engine": res.engine, "hvp": res.hvp, "task_batching": res.task_batching,
-                              "memory_format": res.memory_format})
+                              "memory_format": res.memory_format, "batch_norm": res.batch_norm})
 
     def lr_grads_to_params(self, lr_grads) -> Dict[str, Tensor]:
         """Maps the engine's ``lr_grads`` (in the structure of ``step_sizes``) to our parameters."""
         return {}
 
     # -- evaluation -------------------------------------------------------------------------------
-    def adapt(self, support: Tuple[Tensor, Tensor], steps: Optional[int] = None) -> Dict[str, Tensor]:
-        """θ_K for one task (detached), with the algorithm's own inner loop."""
+    def adapt(self, support: Tuple[Tensor, Tensor], steps: Optional[int] = None,
+              params: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
+        """θ_K for one task (detached), with the algorithm's own inner loop, from ``params``
+        (default: the model's parameters)."""
         steps = self.eval_steps if steps is None else steps
         with torch.no_grad():
             lr = self.step_sizes(steps, detach=True)
-        params = {n: p.detach() for n, p in self.params().items()}
-        return _adapt(self.model, support, self.loss_fn, params=params, steps=steps, lr=lr,
-                      adapt=self.adapted_names(), weight_decay=self.weight_decay)
+        if params is None:
+            params = {n: p.detach() for n, p in self.params().items()}
+        return inner_loop(self.model, support, self.loss_fn, params=params, steps=steps, lr=lr,
+                          adapt=self.adapted_names(), weight_decay=self.weight_decay, batch_norm=self.batch_norm)
 
     def evaluate(self, tasks, steps: Optional[int] = None) -> Tuple[List[float], List[Tensor]]:
-        """Per task: (query loss after ``steps`` inner steps, query outputs). Batch statistics in
-        BatchNorm, as during training (see :mod:`pymaml.functional.buffers`)."""
-        from ..functional.buffers import batch_norm_policy
+        """Per task: (query loss after ``steps`` inner steps, query outputs). BatchNorm follows the
+        ``batch_norm`` setting, as during training: under ``"mode"`` a model in ``eval()`` mode uses
+        its running statistics, one in ``train()`` mode batch statistics (and its forward passes
+        update the running statistics, as any train-mode forward pass does)."""
         losses, outputs = [], []
         for t in task_list(tasks):
             fast = self.adapt(t.support, steps)
-            with torch.no_grad(), batch_norm_policy(self.model):
-                out = torch.func.functional_call(self.model, fast, (t.query[0],))
-                losses.append(float(self.loss_fn(out, t.query[1])))
+            out, loss = self.query_pass(fast, t.query)
+            losses.append(float(loss))
             outputs.append(out)
         return losses, outputs
+
+    def query_pass(self, params: Dict[str, Tensor], query: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+        """(outputs, loss) on a query set at ``params``, no grad, one counted forward pass."""
+        with torch.no_grad(), batch_norm_policy(self.model, policy=self.batch_norm) as bn, bn.counted():
+            out = torch.func.functional_call(self.model, params, (query[0],))
+            return out, self.loss_fn(out, query[1])
 
     def extra_repr(self) -> str:
         return (f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, eval_steps={self.eval_steps}, "

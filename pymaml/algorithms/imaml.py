@@ -5,9 +5,16 @@ through the fused ``pymaml.ops.sgd_update``). Meta-gradient per task:
 
     (I + H/λ)⁻¹ ∇L_q(φ),   H = ∇²L_s(φ)
 
-solved by ``cg_steps`` iterations of conjugate gradient, each one HVP at φ (double backward). The
+solved by ``cg_steps`` iterations of conjugate gradient, each one Hessian-vector product at φ from
+:mod:`pymaml.functional.hessian` (``hvp=``: "auto" = double backward, "jvp", "finite_difference"). The
 meta-gradient is exact when φ is the exact proximal minimiser and CG has converged; it does not
 depend on the path the inner loop took, so memory is independent of ``inner_steps``.
+
+Settings: ``engine="auto"`` (the implicit gradient) or ``"first_order"`` (∇L_q(φ), no CG: first-order
+iMAML); the unrolled and recompute engines differentiate the inner loop's path, which iMAML by
+design does not, so they raise. Tasks run one at a time (``task_batching="vmap"`` raises);
+``memory_format`` and ``batch_norm`` are honoured as by the engines (the support passes of the
+proximal loop and the query pass count for BatchNorm running statistics; HVP passes do not).
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -15,7 +22,11 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..functional import Task, layout as _layout
+from ..functional.batching import Unit
 from ..functional.buffers import batch_norm_policy
+from ..functional.engines import DEFAULT_HVP
+from ..functional.hessian import hessian_vector_product, loss_and_grad
 from .base import Algorithm, MetaStep, task_list
 
 
@@ -53,6 +64,7 @@ def conjugate_gradient(A, b: List[Tensor], steps: int, tol: float = 1e-12) -> Li
 class iMAML(Algorithm):
     name = "imaml"
     second_order = True
+    supported = {"engine": ("auto", "first_order"), "task_batching": ("auto", "loop")}
 
     def __init__(self, model, loss_fn, *, lam: float = 1.0, cg_steps: int = 5, **kw):
         super().__init__(model, loss_fn, **kw)
@@ -60,65 +72,69 @@ class iMAML(Algorithm):
             raise ValueError(f"imaml: lam (the proximal strength λ) must be positive, got {lam}")
         self.lam, self.cg_steps = float(lam), int(cg_steps)
 
-    def _call(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
-        return torch.func.functional_call(self.model, params, (x,))
+    def _why(self, key: str) -> str:
+        if key == "engine":
+            return "its meta-gradient is implicit (conjugate gradient at the adapted parameters), not a " \
+                   "derivative through the inner loop"
+        return "conjugate gradient runs one task at a time"
 
-    def adapt(self, support: Tuple[Tensor, Tensor], steps: Optional[int] = None) -> Dict[str, Tensor]:
-        """The proximal inner loop: φ_{i+1} = φ_i − α(∇L_s(φ_i) + λ(φ_i − θ))."""
+    def _unit(self, task: Task) -> Unit:
+        return Unit(self.model, self.loss_fn, list(self.params()), [], task, batched=False)
+
+    def _proximal(self, unit: Unit, theta: List[Tensor], steps: int, bn) -> List[Tensor]:
+        """φ_{i+1} = φ_i − α(∇L_s(φ_i) + λ(φ_i − θ)), from φ_0 = θ; each support pass counts for
+        BatchNorm running statistics."""
+        phi = theta
+        for _ in range(steps):
+            with bn.counted():
+                _, _, g, _ = loss_and_grad(unit, phi, [], "s")
+            g = [gi + self.lam * (p - t) for gi, p, t in zip(g, phi, theta)]
+            with torch.no_grad():
+                phi = ops.sgd_update(phi, g, self.inner_lr, self.weight_decay)
+        return phi
+
+    def adapt(self, support: Tuple[Tensor, Tensor], steps: Optional[int] = None,
+              params: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
+        """The proximal inner loop from ``params`` (default: the model's parameters)."""
         steps = self.eval_steps if steps is None else steps
-        theta = {n: p.detach() for n, p in self.params().items()}
-        names = list(theta)
-        phi = [theta[n] for n in names]
-        x, y = support
-        with batch_norm_policy(self.model), torch.enable_grad():
-            for _ in range(steps):
-                leaves = [t.detach().requires_grad_() for t in phi]
-                loss = self.loss_fn(self._call(dict(zip(names, leaves)), x), y)
-                g = torch.autograd.grad(loss, leaves, allow_unused=True)
-                g = [(torch.zeros_like(t) if gi is None else gi) + self.lam * (t.detach() - theta[n])
-                     for gi, t, n in zip(g, leaves, names)]
-                with torch.no_grad():
-                    phi = ops.sgd_update([t.detach() for t in leaves], g, self.inner_lr, self.weight_decay)
-        return dict(zip(names, phi))
-
-    def _hvp(self, names, phi: List[Tensor], support, u: List[Tensor]) -> List[Tensor]:
-        leaves = [t.detach().requires_grad_() for t in phi]
-        with torch.enable_grad():
-            loss = self.loss_fn(self._call(dict(zip(names, leaves)), support[0]), support[1])
-            g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-            dot = sum((gi * ui).sum() for gi, ui in zip(g, u) if gi is not None)
-            if not isinstance(dot, Tensor) or not dot.requires_grad:
-                return [torch.zeros_like(t) for t in phi]
-            h = torch.autograd.grad(dot, leaves, allow_unused=True)
-        return [torch.zeros_like(t) if hi is None else hi for hi, t in zip(h, phi)]
+        theta = params if params is not None else {n: p.detach() for n, p in self.params().items()}
+        unit = Unit(self.model, self.loss_fn, list(theta), [], Task(support, support), batched=False)
+        with batch_norm_policy(self.model, policy=self.batch_norm) as bn:
+            phi = self._proximal(unit, list(theta.values()), steps, bn)
+        return dict(zip(theta, phi))
 
     def meta_gradient(self, tasks) -> MetaStep:
         tasks = task_list(tasks)
-        names = list(self.params())
-        total = [torch.zeros_like(p) for p in self.params().values()]
+        own = {n: p.detach() for n, p in self.params().items()}
+        layout = _layout.resolve(self.name, self.memory_format, self.model, list(own.values()), False)
+        theta = [_layout.to_layout(p, layout) for p in own.values()]
+        method = DEFAULT_HVP if self.hvp == "auto" else self.hvp
+        total = [torch.zeros_like(p) for p in theta]
         q_losses, s_losses, outputs = [], [], []
-        with batch_norm_policy(self.model):
+        with batch_norm_policy(self.model, policy=self.batch_norm) as bn:
             for t in tasks:
+                unit = self._unit(t)
+                unit.to_layout(layout)
                 with torch.no_grad():
-                    s_losses.append(self.loss_fn(self._call({n: p.detach() for n, p in self.params().items()},
-                                                            t.support[0]), t.support[1]))
-                fast = self.adapt(t.support, self.inner_steps)
-                phi = [fast[n] for n in names]
-                leaves = [p.detach().requires_grad_() for p in phi]
-                with torch.enable_grad():
-                    out = self._call(dict(zip(names, leaves)), t.query[0])
-                    lq = self.loss_fn(out, t.query[1])
-                    gq = torch.autograd.grad(lq, leaves, allow_unused=True)
-                gq = [torch.zeros_like(p) if g is None else g for g, p in zip(gq, phi)]
-                A = lambda v, phi=phi, s=t.support: [vi + hi / self.lam
-                                                    for vi, hi in zip(v, self._hvp(names, phi, s, v))]
-                x = conjugate_gradient(A, gq, self.cg_steps)
+                    s_losses.append(unit.loss(theta, [], "s")[0])
+                phi = self._proximal(unit, theta, self.inner_steps, bn)
+                with bn.counted():
+                    lq, out, gq, _ = loss_and_grad(unit, phi, [], "q")
+                if self.engine == "first_order":
+                    x = gq
+                else:
+                    def A(v, phi=phi, unit=unit):
+                        hv = hessian_vector_product(method, unit, phi, [], v)[1]
+                        return [vi + hi / self.lam for vi, hi in zip(v, hv)]
+                    x = conjugate_gradient(A, gq, self.cg_steps)
                 total = [a + b for a, b in zip(total, x)]
-                q_losses.append(lq.detach())
-                outputs.append(out.detach())
+                q_losses.append(lq)
+                outputs.append(out)
         T = len(tasks)
         self.iteration += 1
-        return MetaStep(grads={n: g / T for n, g in zip(names, total)}, extra_grads={},
-                        query_loss=torch.stack(q_losses).mean(), query_outputs=outputs,
+        grads = {n: _layout.like(g / T, p) for (n, p), g in zip(own.items(), total)}
+        return MetaStep(grads=grads, extra_grads={}, query_loss=torch.stack(q_losses).mean(), query_outputs=outputs,
                         support_loss=torch.stack(s_losses).mean(),
-                        info={"engine": "implicit (CG)", "hvp": "double_backward", "task_batching": "loop"})
+                        info={"engine": "implicit (CG)" if self.engine != "first_order" else "first_order",
+                              "hvp": method if self.engine != "first_order" else None, "task_batching": "loop",
+                              "memory_format": layout, "batch_norm": self.batch_norm})

@@ -6,11 +6,13 @@
   epochs: non-final weights fall to 0.03/K, the final one rises to 1 − (K−1)·0.03/K);
 * derivative-order annealing: the ``first_order`` engine for the first ``first_order_iterations``
   meta-iterations, the exact engine afterwards;
-* per-step BatchNorm statistics: with pymaml's BatchNorm policy every inner step normalises with
-  the statistics of its own batch and no running statistics are shared between steps or tasks
-  (:mod:`pymaml.functional.buffers`), which is what per-step statistics amount to when evaluation
-  also uses batch statistics, as here. Per-step running averages and per-step BatchNorm affine
-  parameters (for evaluation in ``eval()`` mode) are not implemented.
+* per-step BatchNorm statistics: not implemented as such. With ``batch_norm="transductive"`` every
+  inner step normalises with the statistics of its own batch and no running statistics are shared
+  between steps or tasks (:mod:`pymaml.functional.buffers`), which is what per-step statistics
+  amount to when evaluation also uses batch statistics. With ``batch_norm="mode"`` (the default)
+  a train-mode model keeps one set of running statistics, updated by every inner step's support
+  pass and every query pass, and uses them in ``eval()`` mode. Per-step running averages and
+  per-step BatchNorm affine parameters are not implemented.
 
 At evaluation with more steps than in training the last step's learned sizes are reused.
 The iteration counter is the buffer ``iteration`` (saved in ``state_dict``), advanced by every

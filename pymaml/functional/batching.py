@@ -23,12 +23,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .buffers import has_batch_norm
+from .buffers import active_policy, has_batch_norm
 from .inner import Task, model_call
 from .layout import to_layout
 from .stacked import stacked_forward, stacked_task_losses
 
-__all__ = ["Unit", "make_units", "choose_batching"]
+__all__ = ["Unit", "make_units", "choose_batching", "is_stacked"]
 
 
 class Unit:
@@ -66,9 +66,29 @@ class Unit:
             params.update(zip(self.names_fx, phi))
             out = self._stacked(params, x)
             return stacked_task_losses(self.loss_fn, out, y).sum(), out
+        bn = active_policy(self.model)
+        if bn is not None and bn.collects(self.model):
+            return self._loss_collecting(bn, theta, phi, x, y)
         if self._vmapped is None:
             self._vmapped = torch.func.vmap(self._task_loss, in_dims=(0, None, 0, 0), randomness="different")
         per_task, out = self._vmapped(list(theta), list(phi), x, y)
+        return per_task.sum(), out
+
+    def _loss_collecting(self, bn, theta, phi, x, y):
+        """The mapped loss of a pass that updates BatchNorm running statistics: every task's batch
+        statistics come out of vmap as extra outputs and are kept by the policy (applied later in
+        task order, see :class:`pymaml.functional.buffers.BatchNormPolicy`)."""
+        modules = []
+
+        def task_loss(theta_, phi_, x_, y_):
+            with bn.collect() as seen:
+                loss, out = self._task_loss(theta_, phi_, x_, y_)
+            modules[:] = [m for m, _, _ in seen]
+            return loss, out, tuple(t for _, mean, var in seen for t in (mean, var))
+
+        per_task, out, stats = torch.func.vmap(task_loss, in_dims=(0, None, 0, 0), randomness="different")(
+            list(theta), list(phi), x, y)
+        bn.record(modules, stats)
         return per_task.sum(), out
 
     def to_layout(self, layout: str) -> None:
@@ -87,7 +107,8 @@ class Unit:
         return list(out.detach().unbind(0)) if self.batched else [out.detach()]
 
 
-def _is_stacked(tasks) -> bool:
+def is_stacked(tasks) -> bool:
+    """Whether ``tasks`` is one Task (or ((x_s, y_s), (x_q, y_q))) of task-stacked tensors."""
     return isinstance(tasks, Task) or (isinstance(tasks, tuple) and len(tasks) == 2
                                         and isinstance(tasks[0], tuple) and isinstance(tasks[0][0], Tensor))
 
@@ -116,7 +137,7 @@ def make_units(model, loss_fn, names_ad, names_fx, tasks, task_batching: str) ->
     op = "meta_gradient"
     if task_batching not in ("auto", "vmap", "loop"):
         raise ValueError(f"{op}: task_batching must be 'auto', 'vmap' or 'loop', got {task_batching!r}")
-    stacked = _is_stacked(tasks)
+    stacked = is_stacked(tasks)
     if stacked:
         task = _as_task(tasks)
         T = int(task.support[0].shape[0])

@@ -9,7 +9,7 @@ Engines
     The full differentiable graph (``create_graph=True`` through every inner step), then one
     backward pass. The reference; memory grows with K × activations.
 ``recompute``
-    The adjoint recursion of DESIGN.md. The forward sweep keeps only θ_0 … θ_K (and the RNG state
+    The adjoint recursion of docs/design.md (:mod:`pymaml.functional.sweep`). The forward sweep keeps only θ_0 … θ_K (and the RNG state
     before each step); going backwards, step i's support loss is recomputed at θ_i, one HVP gives
     H_i(α_i ⊙ v_{i+1}) (and the mixed term for non-adapted parameters), and the fused
     ``pymaml.ops.backward_step`` produces v_i, ∂L/∂α_i and the next direction in one pass:
@@ -29,11 +29,12 @@ Engines
     ``recompute``; with ``hvp="auto"`` and head-only adaptation of a linear head, its closed-form
     fast path (:mod:`pymaml.functional.head_path`).
 
-BatchNorm and dropout follow :mod:`pymaml.functional.buffers`; task batching
-:mod:`pymaml.functional.batching`.
+BatchNorm (``batch_norm="mode"`` or ``"transductive"``) and dropout follow
+:mod:`pymaml.functional.buffers`; task batching :mod:`pymaml.functional.batching`.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
@@ -43,11 +44,12 @@ from torch import Tensor, nn
 
 from .. import ops
 from . import head_path
-from .batching import Unit, make_units
-from .buffers import RngTape, batch_norm_policy, has_randomness
-from .hvp import HVP_METHODS, StepGraph, hvp as _hvp, loss_and_grad
-from .inner import LrPlan, mul_lr, split_params
 from . import layout as _layout
+from .batching import Unit, make_units
+from .buffers import RngTape, batch_norm_policy, check_policy, has_randomness
+from .hessian import HVP_METHODS, StepGraph, hessian_vector_product, loss_and_grad
+from .inner import LrPlan, split_params
+from .sweep import Setup, Steps, UnitResult, adjoint_sweep, forward_sweep
 
 __all__ = ["MetaGradient", "meta_gradient", "ENGINES", "DEFAULT_HVP"]
 
@@ -68,7 +70,7 @@ class MetaGradient:
     query_outputs  per task, the model's output on the query set at θ_K
     support_loss   mean over tasks of L_s(θ_0), 0-d
     meta_loss      mean over tasks of the meta-loss (Σ_i w_i L_q(θ_i) with step weights, else query_loss)
-    engine, hvp, task_batching, memory_format   what actually ran
+    engine, hvp, task_batching, memory_format, batch_norm   what actually ran
     """
     grads: Dict[str, Tensor]
     lr_grads: object
@@ -80,10 +82,11 @@ class MetaGradient:
     hvp: Optional[str] = None
     task_batching: str = ""
     memory_format: str = ""
+    batch_norm: str = ""
 
 
 class _Acc:
-    """Sums per-unit results."""
+    """Sums the units' :class:`UnitResult`."""
 
     def __init__(self, n_th: int, n_ph: int, n_lr: int):
         self.th: List[Optional[Tensor]] = [None] * n_th
@@ -98,14 +101,14 @@ class _Acc:
             if v is not None:
                 acc[j] = v if acc[j] is None else acc[j] + v
 
-    def add(self, th, ph, lr, q, s, m, outputs):
-        self._add(self.th, th)
-        self._add(self.ph, ph)
-        self._add(self.lr, lr)
-        self.q = q if self.q is None else self.q + q
-        self.s = s if self.s is None else self.s + s
-        self.m = m if self.m is None else self.m + m
-        self.outputs += outputs
+    def add(self, r: UnitResult) -> None:
+        self._add(self.th, r.theta_grads)
+        self._add(self.ph, r.phi_grads)
+        self._add(self.lr, r.lr_grads)
+        self.q = r.query_loss if self.q is None else self.q + r.query_loss
+        self.s = r.support_loss if self.s is None else self.s + r.support_loss
+        self.m = r.meta_loss if self.m is None else self.m + r.meta_loss
+        self.outputs += r.outputs
 
 
 def _weights(op, step_weights, steps):
@@ -117,148 +120,125 @@ def _weights(op, step_weights, steps):
     return w
 
 
-def _unrolled(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale, hvp_method, tape, budget=0.0):
-    th_leaf = [t.detach().requires_grad_() for t in theta0]
-    ph_leaf = [p.detach().requires_grad_() for p in phi0]
+def _unrolled(unit: Unit, setup: Setup) -> UnitResult:
+    plan, steps, weights, wd = setup.plan, setup.steps, setup.weights, setup.weight_decay
+    th_leaf = [t.detach().requires_grad_() for t in setup.theta0]
+    ph_leaf = [p.detach().requires_grad_() for p in setup.phi0]
     lr_leaf = plan.requires_grad_()
     T = unit.T
+    counted = setup.bn.counted
     with torch.enable_grad():
         theta = [unit.stack(t) for t in th_leaf]
         s_loss = None
         meta = 0.0
         for i in range(steps):
-            loss, _ = unit.loss(theta, ph_leaf, "s")
+            with counted():
+                loss, _ = unit.loss(theta, ph_leaf, "s")
             if s_loss is None:
                 s_loss = loss.detach()
             g = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
             g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, theta)]
             theta = ops.sgd_update(theta, g, plan.step_lr(i, T), wd)
             if weights is not None and i + 1 < steps:
-                lq, _ = unit.loss(theta, ph_leaf, "q")
+                with counted():
+                    lq, _ = unit.loss(theta, ph_leaf, "q")
                 meta = meta + weights[i] * lq
-        lq, out = unit.loss(theta, ph_leaf, "q")
+        with counted():
+            lq, out = unit.loss(theta, ph_leaf, "q")
         meta = meta + (weights[-1] * lq if weights is not None else lq)
         if s_loss is None:
             s_loss, _ = unit.loss(theta, ph_leaf, "s")
         wrt = th_leaf + ph_leaf + lr_leaf
-        grads = torch.autograd.grad(meta * scale, wrt, allow_unused=True)
+        grads = torch.autograd.grad(meta * setup.scale, wrt, allow_unused=True)
     n, m = len(th_leaf), len(ph_leaf)
     grads = [None if g is None else g.detach() for g in grads]
     th_g = [torch.zeros_like(t) if g is None else g for g, t in zip(grads[:n], th_leaf)]
     ph_g = [torch.zeros_like(t) if g is None else g for g, t in zip(grads[n:n + m], ph_leaf)]
-    return th_g, ph_g, grads[n + m:], lq.detach(), s_loss.detach(), meta.detach(), unit.outputs(out)
+    return UnitResult(th_g, ph_g, grads[n + m:], lq.detach(), s_loss.detach(), meta.detach(), unit.outputs(out))
 
 
-def _forward_sweep(unit: Unit, theta0, phi, plan: LrPlan, steps, weights, wd, scale, tape, keep_grads,
-                   budget: float = 0.0):
-    """θ_0 … θ_K (no graph), RNG states, optionally g_i, the weighted query grads for i < K.
+class ModelSteps(Steps):
+    """The sweeps' numbers from autograd on the model (one task or a task stack).
 
-    With ``budget`` > 0 (bytes) the graphs of the last steps are kept (``kept[i]``, a StepGraph) as
-    long as their total, estimated from step 0's graph, stays within the budget."""
-    T = unit.T
-    theta = [unit.stack(t.detach()) for t in theta0]
-    if unit.batched:
-        theta = [t.contiguous() for t in theta]
-    thetas, states, gs, qg, kept = [theta], [], [], {}, {}
-    ph_acc = [torch.zeros_like(p) for p in phi]
-    s_loss = None
-    meta = 0.0
-    first_kept = steps
-    for i in range(steps):
-        states.append(tape.capture())
-        if budget > 0 and (i == 0 or i >= first_kept):
-            sg = StepGraph(unit, theta, phi, measure=(i == 0))
+    The forward sweep records the RNG state before each step, so that recomputing a step for its
+    HVP replays the same random numbers; with a graph budget (double backward) the autograd graphs
+    of the last steps are kept from the forward sweep (:class:`StepGraph`) instead of recomputed,
+    as many as fit, measured on step 0."""
+
+    def __init__(self, unit: Unit, setup: Setup, method: Optional[str]):
+        self.unit, self.T, self.method, self.K = unit, unit.T, method, setup.steps
+        self.phi = [p.detach() for p in setup.phi0]
+        self.tape, self.counted = setup.tape, setup.bn.counted
+        self.budget = setup.keep_graph_bytes if method == "double_backward" else 0.0
+        self.needs_grads = method == "finite_difference"
+        self.states: List[object] = []
+        self.kept: Dict[int, StepGraph] = {}
+        self.first_kept = self.K
+        self.end_state = None
+        self.replayed = False
+
+    def start(self, theta0):
+        theta = [self.unit.stack(t.detach()) for t in theta0]
+        return [t.contiguous() for t in theta] if self.unit.batched else theta
+
+    def fixed_zeros(self):
+        return [torch.zeros_like(p) for p in self.phi]
+
+    def support_grad(self, i, theta):
+        with self.counted():
+            return self._support_grad(i, theta)
+
+    def _support_grad(self, i, theta):
+        self.states.append(self.tape.capture())
+        if self.budget > 0 and (i == 0 or i >= self.first_kept):
+            sg = StepGraph(self.unit, theta, self.phi, measure=(i == 0))
             if i == 0:
-                first_kept = steps - min(steps, int(budget // max(sg.nbytes, 1)))
-            if i >= first_kept:
-                kept[i] = sg
-            loss, g = sg.loss, sg.grads()
-            del sg
-        else:
-            loss, _, g, _ = loss_and_grad(unit, theta, phi, "s")
-        if s_loss is None:
-            s_loss = loss
-        if keep_grads:
-            gs.append(g)
-        with torch.no_grad():
-            theta = ops.sgd_update(theta, g, plan.step_lr(i, T), wd)
-        thetas.append(theta)
-        if weights is not None and i + 1 < steps:
-            lq, _, gq, gp = loss_and_grad(unit, theta, phi, "q", with_phi=True)
-            w = weights[i] * scale
-            qg[i + 1] = [w * t for t in gq]
-            ph_acc = [a + w * t for a, t in zip(ph_acc, gp)]
-            meta = meta + weights[i] * lq
-    lq, out, gq, gp = loss_and_grad(unit, theta, phi, "q", with_phi=True)
-    end_state = tape.capture()
-    w = (weights[-1] if weights is not None else 1.0)
-    meta = meta + w * lq
-    f = w * scale
-    one = isinstance(f, float) and f == 1.0
-    v = gq if one else [f * t for t in gq]
-    ph_acc = [a + (t if one else f * t) for a, t in zip(ph_acc, gp)]
-    if s_loss is None:
-        s_loss = loss_and_grad(unit, theta, phi, "s")[0]
-    return dict(thetas=thetas, states=states, end_state=end_state, gs=gs, qg=qg, v=v, ph=ph_acc,
-                q=lq, s=s_loss, meta=meta, out=out, kept=kept)
+                self.first_kept = self.K - min(self.K, int(self.budget // max(sg.nbytes, 1)))
+            if i >= self.first_kept:
+                self.kept[i] = sg
+            return sg.loss, sg.grads()
+        loss, _, g, _ = loss_and_grad(self.unit, theta, self.phi, "s")
+        return loss, g
 
+    def support_loss(self, theta):
+        return loss_and_grad(self.unit, theta, self.phi, "s")[0]
 
-def _recompute(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale, hvp_method, tape,
-               budget: float = 0.0):
-    phi = [p.detach() for p in phi0]
-    fs = _forward_sweep(unit, theta0, phi, plan, steps, weights, wd, scale, tape,
-                        keep_grads=(hvp_method == "finite_difference"),
-                        budget=budget if hvp_method == "double_backward" else 0.0)
-    T = unit.T
-    v, ph_acc, thetas = fs["v"], fs["ph"], fs["thetas"]
-    lr_acc = plan.zero_grads()
-    u = mul_lr(plan.step_lr(steps - 1, T), v) if steps > 0 else None
-    for i in reversed(range(steps)):
-        state = fs["states"][i]
-        replay = (lambda s=state: tape.restore(s)) if state is not None else None
-        sg = fs["kept"].pop(i, None)
+    def query_grad(self, theta):
+        with self.counted():
+            return loss_and_grad(self.unit, theta, self.phi, "q", with_phi=True)
+
+    def forward_done(self):
+        self.end_state = self.tape.capture()
+
+    def hvp(self, i, theta, u, grad):
+        self.replayed = True
+        sg = self.kept.pop(i, None)
         if sg is not None:
-            g, hu, mu = sg.hvp(u)
-            del sg
-        else:
-            g, hu, mu = _hvp(hvp_method, unit, thetas[i], phi, u, replay, grad=fs["gs"][i] if fs["gs"] else None)
-        if g is None:
-            g = fs["gs"][i]
-        ph_acc = [a - m for a, m in zip(ph_acc, mu)]
-        if wd:
-            hu = [h + wd * x for h, x in zip(hu, u)]
-            g = [gi + wd * t for gi, t in zip(g, thetas[i])]
-        if i in fs["qg"]:
-            hu = [h - q for h, q in zip(hu, fs["qg"][i])]
-        nxt = plan.step_lr(i - 1, T) if i > 0 else None
-        v, lr_grad, u = ops.backward_step(v, hu, g, plan.step_lr(i, T), nxt)
-        plan.accumulate(lr_acc, i, lr_grad, T)
-    tape.restore(fs["end_state"])
-    th_g = [unit.unstack_sum(t) for t in v]
-    return th_g, ph_acc, lr_acc, fs["q"], fs["s"], fs["meta"], unit.outputs(fs["out"])
+            return sg.hvp(u)
+        state = self.states[i]
+        replay = (lambda s=state: self.tape.restore(s)) if state is not None else None
+        return hessian_vector_product(self.method, self.unit, theta, self.phi, u, replay, grad=grad)
+
+    def adjoint_done(self):
+        if self.replayed:
+            self.tape.restore(self.end_state)
 
 
-def _first_order(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, scale, hvp_method, tape, budget=0.0):
-    phi = [p.detach() for p in phi0]
-    need_lr = plan.any_tensor
-    fs = _forward_sweep(unit, theta0, phi, plan, steps, weights, wd, scale, tape, keep_grads=need_lr)
-    T = unit.T
-    v = fs["v"]
-    lr_acc = plan.zero_grads()
-    if need_lr or fs["qg"]:
-        for i in reversed(range(steps)):
-            q = fs["qg"].get(i)
-            if need_lr:
-                g = fs["gs"][i]
-                if wd:
-                    g = [gi + wd * t for gi, t in zip(g, fs["thetas"][i])]
-                h = [-t for t in q] if q is not None else [torch.zeros_like(t) for t in v]
-                v, lr_grad, _ = ops.backward_step(v, h, g, plan.step_lr(i, T), None)
-                plan.accumulate(lr_acc, i, lr_grad, T)
-            elif q is not None:
-                v = [a + b for a, b in zip(v, q)]
-    th_g = [unit.unstack_sum(t) for t in v]
-    return th_g, fs["ph"], lr_acc, fs["q"], fs["s"], fs["meta"], unit.outputs(fs["out"])
+def _sweeps(unit: Unit, setup: Setup, method: Optional[str]) -> UnitResult:
+    steps = ModelSteps(unit, setup, method)
+    second = method is not None
+    fwd = forward_sweep(steps, setup, keep_grads=steps.needs_grads if second else setup.plan.any_tensor)
+    v, fixed, lr = adjoint_sweep(steps, fwd, setup, second_order=second)
+    return UnitResult([unit.unstack_sum(t) for t in v], fixed, lr, fwd.query_loss, fwd.support_loss, fwd.meta_loss,
+                      unit.outputs(fwd.query_out))
+
+
+def _recompute(unit: Unit, setup: Setup) -> UnitResult:
+    return _sweeps(unit, setup, setup.hvp)
+
+
+def _first_order(unit: Unit, setup: Setup) -> UnitResult:
+    return _sweeps(unit, setup, None)
 
 
 _RUN = {"unrolled": _unrolled, "recompute": _recompute, "first_order": _first_order}
@@ -269,7 +249,7 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
                   engine: str = "auto", hvp: str = "auto", step_weights: Optional[Sequence] = None,
                   adapt: Optional[Iterable[str]] = None, task_batching: str = "auto",
                   weight_decay: float = 0.0, keep_graphs_mib: float = DEFAULT_KEEP_GRAPHS_MIB,
-                  memory_format: str = "auto") -> MetaGradient:
+                  memory_format: str = "auto", batch_norm: str = "mode") -> MetaGradient:
     """The exact (or first-order) MAML meta-gradient of the mean query loss over ``tasks``.
 
     model          any nn.Module; run through ``torch.func.functional_call`` on ``params``
@@ -301,17 +281,22 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
                    falling back to "preserve" with a warning when the model fails in channels-last
                    (a ``.view`` that assumes NCHW strides). Gradients come back in each
                    parameter's own layout either way.
+    batch_norm     "mode" | "transductive": BatchNorm follows the module's mode (train: batch
+                   statistics, running statistics updated by the forward passes an unrolled loop
+                   would run; eval: running statistics), or uses batch statistics always and leaves
+                   running statistics alone (the MAML paper). See :mod:`pymaml.functional.buffers`.
 
-    Nothing is modified: neither the module's parameters and buffers nor their ``.grad``.
+    Nothing else is modified: neither the module's parameters (and other buffers) nor their ``.grad``.
     """
-    kw = dict(params=params, steps=steps, lr=lr, engine=engine, hvp=hvp, step_weights=step_weights, adapt=adapt,
-              task_batching=task_batching, weight_decay=weight_decay, keep_graphs_mib=keep_graphs_mib)
+    opts = _Options(params=params, steps=steps, lr=lr, engine=engine, hvp=hvp, step_weights=step_weights,
+                    adapt=adapt, task_batching=task_batching, weight_decay=weight_decay,
+                    keep_graphs_mib=keep_graphs_mib, memory_format=memory_format, batch_norm=batch_norm)
     first = next(iter((params or dict(model.named_parameters())).values()), None)
     tape = RngTape(memory_format == "auto" and has_randomness(model),
                    first.device if isinstance(first, Tensor) else None)
     state = tape.capture()
     try:
-        return _meta_gradient(model, tasks, loss_fn, memory_format=memory_format, **kw)
+        return _meta_gradient(model, tasks, loss_fn, opts)
     except RuntimeError as e:
         if memory_format != "auto" or not _layout.is_layout_error(e):
             raise
@@ -321,45 +306,66 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
                   "activation; .reshape() or torch.flatten() work in any layout), so it runs in the layout "
                   "given; pass memory_format='preserve' to skip the attempt", RuntimeWarning, stacklevel=2)
     tape.restore(state)
-    return _meta_gradient(model, tasks, loss_fn, memory_format="preserve", **kw)
+    return _meta_gradient(model, tasks, loss_fn, dataclasses.replace(opts, memory_format="preserve"))
 
 
-def _meta_gradient(model, tasks, loss_fn, *, params, steps, lr, engine, hvp, step_weights, adapt, task_batching,
-                   weight_decay, keep_graphs_mib, memory_format) -> MetaGradient:
-    """:func:`meta_gradient` in one memory format (the arguments are its own)."""
+@dataclass(frozen=True)
+class _Options:
+    """The keyword arguments of :func:`meta_gradient`, as given."""
+    params: Optional[Mapping[str, Tensor]]
+    steps: int
+    lr: object
+    engine: str
+    hvp: str
+    step_weights: Optional[Sequence]
+    adapt: Optional[Iterable[str]]
+    task_batching: str
+    weight_decay: float
+    keep_graphs_mib: float
+    memory_format: str
+    batch_norm: str
+
+    def resolved(self, op: str):
+        """(engine, hvp method, whether hvp was "auto"), validated."""
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
+            raise ValueError(f"{op}: steps must be a non-negative int, got {self.steps!r}")
+        engine = "recompute" if self.engine == "auto" else self.engine
+        if engine not in ENGINES:
+            raise ValueError(f"{op}: engine must be one of {ENGINES + ('auto',)}, got {self.engine!r}")
+        if not self.keep_graphs_mib >= 0:
+            raise ValueError(f"{op}: keep_graphs_mib must be >= 0, got {self.keep_graphs_mib!r}")
+        hvp = DEFAULT_HVP if self.hvp == "auto" else self.hvp
+        if hvp not in HVP_METHODS:
+            raise ValueError(f"{op}: hvp must be one of {HVP_METHODS + ('auto',)}, got {self.hvp!r}")
+        check_policy(op, self.batch_norm)
+        return engine, hvp, self.hvp == "auto"
+
+
+def _meta_gradient(model, tasks, loss_fn, opts: _Options) -> MetaGradient:
+    """:func:`meta_gradient` in one memory format."""
     op = "meta_gradient"
-    if params is None:
-        params = dict(model.named_parameters())
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise ValueError(f"{op}: steps must be a non-negative int, got {steps!r}")
-    if engine == "auto":
-        engine = "recompute"
-    if engine not in ENGINES:
-        raise ValueError(f"{op}: engine must be one of {ENGINES + ('auto',)}, got {engine!r}")
-    hvp_auto = hvp == "auto"
-    if hvp_auto:
-        hvp = DEFAULT_HVP
-    if not keep_graphs_mib >= 0:
-        raise ValueError(f"{op}: keep_graphs_mib must be >= 0, got {keep_graphs_mib!r}")
-    if hvp not in HVP_METHODS:
-        raise ValueError(f"{op}: hvp must be one of {HVP_METHODS + ('auto',)}, got {hvp!r}")
-    weights = _weights(op, step_weights, steps)
-    names_ad, names_fx = split_params(op, params, adapt)
+    params = dict(model.named_parameters()) if opts.params is None else opts.params
+    engine, hvp, hvp_auto = opts.resolved(op)
+    steps = opts.steps
+    weights = _weights(op, opts.step_weights, steps)
+    names_ad, names_fx = split_params(op, params, opts.adapt)
     theta0 = [params[n] for n in names_ad]
     phi0 = [params[n] for n in names_fx]
-    plan = LrPlan(op, lr, steps, names_ad, theta0)
-    units, n_tasks, batched = make_units(model, loss_fn, names_ad, names_fx, tasks, task_batching)
-    layout = _layout.resolve(op, memory_format, model, theta0 + phi0, batched)
+    plan = LrPlan(op, opts.lr, steps, names_ad, theta0)
+    units, n_tasks, batched = make_units(model, loss_fn, names_ad, names_fx, tasks, opts.task_batching)
+    layout = _layout.resolve(op, opts.memory_format, model, theta0 + phi0, batched)
     if layout != "preserve":
         theta0 = [_layout.to_layout(t, layout) for t in theta0]
         phi0 = [_layout.to_layout(t, layout) for t in phi0]
         for unit in units:
             unit.to_layout(layout)
     dev = theta0[0].device if theta0 else None
-    tape = RngTape(has_randomness(model), dev)
-    scale = 1.0 / n_tasks
     acc = _Acc(len(theta0), len(phi0), len(plan.leaves))
-    with batch_norm_policy(model, primitive=batched):
+    with batch_norm_policy(model, primitive=batched, policy=opts.batch_norm) as bn:
+        setup = Setup(names_ad=names_ad, names_fx=names_fx, theta0=theta0, phi0=phi0, plan=plan, steps=steps,
+                      weights=weights, weight_decay=float(opts.weight_decay), scale=1.0 / n_tasks, hvp=hvp,
+                      keep_graph_bytes=float(opts.keep_graphs_mib) * 2**20,
+                      tape=RngTape(has_randomness(model), dev), bn=bn)
         head_kind = None
         if engine == "recompute" and hvp_auto:
             head_kind = head_path.applicable(model, names_ad, loss_fn)
@@ -368,19 +374,20 @@ def _meta_gradient(model, tasks, loss_fn, *, params, steps, lr, engine, hvp, ste
                 head_kind = None
         for unit in units:
             if head_kind is not None:
-                acc.add(*head_path.run_head_path(model, head_kind, unit, names_ad, names_fx, theta0, phi0, plan,
-                                                 steps, weights, float(weight_decay), scale))
-                continue
-            acc.add(*_RUN[engine](unit, theta0, phi0, plan, steps, weights, float(weight_decay), scale, hvp, tape,
-                                  float(keep_graphs_mib) * 2**20))
+                acc.add(head_path.run_head_path(model, head_kind, unit, setup))
+            else:
+                acc.add(_RUN[engine](unit, setup))
+            bn.flush()  # running statistics a stacked unit collected, in task order
     if head_kind is not None:
         hvp = "linear_head"
     grads = dict(zip(names_ad, acc.th))
     grads.update(zip(names_fx, acc.ph))
     grads = {n: _layout.like(grads[n], p) for n, p in params.items()}
     lr_acc = [_layout.like(g, leaf) for g, leaf in zip(acc.lr, plan.leaves)]
+    scale = setup.scale
     return MetaGradient(grads=grads, lr_grads=plan.to_user(lr_acc), query_loss=acc.q * scale,
                         query_outputs=acc.outputs, support_loss=acc.s * scale,
                         meta_loss=torch.as_tensor(acc.m) * scale, engine=engine,
                         hvp=None if engine != "recompute" else hvp,
-                        task_batching="vmap" if batched else "loop", memory_format=layout)
+                        task_batching="vmap" if batched else "loop", memory_format=layout,
+                        batch_norm=opts.batch_norm)

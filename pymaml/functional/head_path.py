@@ -7,13 +7,13 @@ does not change during adaptation, so:
 
 * the support and query features X_s, X_q are computed once per task (one body forward each);
 * every inner step and every query loss is a small linear-head computation on those features;
-* every HVP is the closed-form ``pymaml.functional.heads.linear_head_hvp`` (compiled op or its
+* every HVP is the closed-form ``pymaml.ops.linear_head_hvp`` (compiled op or its
   pure-torch twin; no autograd graph), which also returns the mixed term ∂⟨∇_{W,b} L_s, u⟩/∂X_s;
 * the body's meta-gradient is then ONE ordinary backward pass through the body, with the
   accumulated ∂L/∂X_s (minus the mixed terms) and ∂L/∂X_q as output gradients.
 
-The adjoint recursion for the head (v, ∂L/∂α, step weights, weight decay) is the same as in the
-general recompute engine, through ``pymaml.ops.backward_step``. Models with random layers are not
+The forward and adjoint sweeps are those of every engine (:mod:`pymaml.functional.sweep`), with the
+head's numbers supplied by :class:`HeadSteps`. Models with random layers are not
 taken down this path (features computed once would share their random numbers across steps).
 Whether ``forward == head ∘ features`` holds is checked once per model object on real data; when
 it does not, the general path is used.
@@ -29,9 +29,9 @@ from torch import Tensor, nn
 
 from .. import ops
 from .buffers import has_randomness
-from .inner import LrPlan, mul_lr
+from .sweep import Setup, Steps, UnitResult, adjoint_sweep, forward_sweep
 
-__all__ = ["head_loss_kind", "applicable", "run_head_path"]
+__all__ = ["head_loss_kind", "applicable", "verify", "HeadSteps", "run_head_path"]
 
 _VERIFIED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
@@ -98,87 +98,88 @@ def verify(model, names_ad, names_fx, params, x) -> bool:
     return bool(ok)
 
 
-def run_head_path(model, loss_kind: str, unit, names_ad, names_fx, theta0, phi0, plan: LrPlan, steps,
-                  weights, wd, scale):
-    """The recompute engine's result tuple for one unit (see engines._recompute), on the fast path."""
-    from .heads import linear_head_hvp
-    fmod = _Features(model)
-    loss_fn = F.cross_entropy if loss_kind == "cross_entropy" else F.mse_loss
-    i_w = names_ad.index("head.weight")
-    i_b = names_ad.index("head.bias") if "head.bias" in names_ad else None
-    n_ad = len(names_ad)
-    th_acc: List[Optional[Tensor]] = [None] * n_ad
-    ph_acc: List[Optional[Tensor]] = [None] * len(phi0)
-    lr_acc = plan.zero_grads()
-    q_sum = s_sum = m_sum = 0.0
-    outputs = []
+class HeadSteps(Steps):
+    """The sweeps' numbers for one task on the head-only path: losses and gradients of the linear head
+    on the body's features (computed once), HVPs in closed form. The fixed inputs are the support
+    and query features [X_s, X_q]: the query losses give ∂L/∂X_q, the HVPs' mixed terms ∂/∂X_s."""
 
-    def head(X, th):
-        return F.linear(X, th[i_w], th[i_b] if i_b is not None else None)
+    needs_grads = True  # the closed form gives H u and the mixed term, not g
 
-    def head_grads(X, y, th, with_x=False):
+    def __init__(self, loss_kind: str, names_ad: Sequence[str], Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor):
+        self.kind = loss_kind
+        self.loss_fn = F.cross_entropy if loss_kind == "cross_entropy" else F.mse_loss
+        self.i_w = names_ad.index("head.weight")
+        self.i_b = names_ad.index("head.bias") if "head.bias" in names_ad else None
+        self.n = len(names_ad)
+        self.Xs, self.ys, self.Xq, self.yq = Xs, ys, Xq, yq
+
+    def _head(self, X, th):
+        return F.linear(X, th[self.i_w], th[self.i_b] if self.i_b is not None else None)
+
+    def _grads(self, X, y, th, with_x=False):
         th_ = [t.detach().requires_grad_() for t in th]
         Xl = X.detach().requires_grad_(with_x)
         with torch.enable_grad():
-            out = head(Xl, th_)
-            loss = loss_fn(out, y)
-            wrt = th_ + ([Xl] if with_x else [])
-            g = torch.autograd.grad(loss, wrt)
-        return loss.detach(), out.detach(), list(g[:n_ad]), (g[n_ad] if with_x else None)
+            out = self._head(Xl, th_)
+            loss = self.loss_fn(out, y)
+            g = torch.autograd.grad(loss, th_ + ([Xl] if with_x else []))
+        return loss.detach(), out.detach(), list(g[:self.n]), (g[self.n] if with_x else None)
 
+    def start(self, theta0):
+        return [t.detach() for t in theta0]
+
+    def fixed_zeros(self):
+        return [torch.zeros_like(self.Xs), torch.zeros_like(self.Xq)]
+
+    def support_grad(self, i, theta):
+        loss, _, g, _ = self._grads(self.Xs, self.ys, theta)
+        return loss, g
+
+    def support_loss(self, theta):
+        return self.loss_fn(self._head(self.Xs, theta), self.ys).detach()
+
+    def query_grad(self, theta):
+        loss, out, g, gx = self._grads(self.Xq, self.yq, theta, with_x=True)
+        return loss, out, g, [None, gx]
+
+    def hvp(self, i, theta, u, grad):
+        i_w, i_b = self.i_w, self.i_b
+        r = ops.linear_head_hvp(self.Xs, theta[i_w], theta[i_b] if i_b is not None else None, self.ys,
+                                u[i_w], u[i_b] if i_b is not None else None, self.kind)
+        hu: List[Optional[Tensor]] = [None] * self.n
+        hu[i_w] = r.hvp_weight
+        if i_b is not None:
+            hu[i_b] = r.hvp_bias
+        return None, hu, [r.grad_x, None]
+
+
+def run_head_path(model: nn.Module, loss_kind: str, unit, setup: Setup) -> UnitResult:
+    """One unit's :class:`UnitResult` (as the recompute engine's) on the fast path: per task, the body's
+    features once, the sweeps on the head, then one backward pass through the body."""
+    fmod = _Features(model)
+    n_ad = len(setup.names_ad)
+    th_acc: List[Optional[Tensor]] = [None] * n_ad
+    ph_acc: List[Optional[Tensor]] = [None] * len(setup.phi0)
+    lr_acc = setup.plan.zero_grads()
+    q_sum = s_sum = m_sum = 0.0
+    outputs = []
     for (xs, ys), (xq, yq) in _split_task(unit):
-        ph = [p.detach().requires_grad_() for p in phi0]
-        pd = {"m." + n: p for n, p in zip(names_fx, ph)}
-        pd.update({"m." + n: t.detach() for n, t in zip(names_ad, theta0)})
+        ph = [p.detach().requires_grad_() for p in setup.phi0]
+        pd = {"m." + n: p for n, p in zip(setup.names_fx, ph)}
+        pd.update({"m." + n: t.detach() for n, t in zip(setup.names_ad, setup.theta0)})
+        # The body runs once per set; its BatchNorm running statistics are updated as by the passes of
+        # an unrolled loop: the support set at every inner step, the query set at every query loss.
+        bn = setup.bn
         with torch.enable_grad():
-            Xs = torch.func.functional_call(fmod, pd, (xs,))
-            Xq = torch.func.functional_call(fmod, pd, (xq,))
-        Xs_d, Xq_d = Xs.detach(), Xq.detach()
-        theta = [t.detach() for t in theta0]
-        thetas, gs, qg = [theta], [], {}
-        gXq = torch.zeros_like(Xq_d)
-        meta = 0.0
-        s_loss = None
-        for i in range(steps):
-            loss, _, g, _ = head_grads(Xs_d, ys, theta)
-            s_loss = loss if s_loss is None else s_loss
-            gs.append(g)
-            with torch.no_grad():
-                theta = ops.sgd_update(theta, g, plan.step_lr(i), wd)
-            thetas.append(theta)
-            if weights is not None and i + 1 < steps:
-                lq, _, gq, gx = head_grads(Xq_d, yq, theta, with_x=True)
-                w = weights[i] * scale
-                qg[i + 1] = [w * t for t in gq]
-                gXq = gXq + w * gx
-                meta = meta + weights[i] * lq
-        lq, out, gq, gx = head_grads(Xq_d, yq, theta, with_x=True)
-        w = weights[-1] if weights is not None else 1.0
-        meta = meta + w * lq
-        v = [(w * scale) * t for t in gq]
-        gXq = gXq + (w * scale) * gx
-        if s_loss is None:
-            s_loss = loss_fn(head(Xs_d, theta), ys).detach()
-        gXs = torch.zeros_like(Xs_d)
-        u = mul_lr(plan.step_lr(steps - 1), v) if steps > 0 else None
-        for i in reversed(range(steps)):
-            th_i = thetas[i]
-            r = linear_head_hvp(Xs_d, th_i[i_w], th_i[i_b] if i_b is not None else None, ys,
-                                u[i_w], u[i_b] if i_b is not None else None, loss_kind)
-            hu = [None] * n_ad
-            hu[i_w] = r.hvp_weight
-            if i_b is not None:
-                hu[i_b] = r.hvp_bias
-            gXs = gXs - r.grad_x
-            g = gs[i]
-            if wd:
-                hu = [h + wd * x for h, x in zip(hu, u)]
-                g = [gi + wd * t for gi, t in zip(g, th_i)]
-            if i in qg:
-                hu = [h - q for h, q in zip(hu, qg[i])]
-            nxt = plan.step_lr(i - 1) if i > 0 else None
-            v, lr_grad, u = ops.backward_step(v, hu, g, plan.step_lr(i), nxt)
-            plan.accumulate(lr_acc, i, lr_grad)
+            with bn.counted(), bn.collect() as s_stats:
+                Xs = torch.func.functional_call(fmod, pd, (xs,))
+            with bn.counted(), bn.collect() as q_stats:
+                Xq = torch.func.functional_call(fmod, pd, (xq,))
+        K = setup.steps
+        bn.replay([s_stats, q_stats] * K if (setup.weights is not None and K) else [s_stats] * K + [q_stats])
+        steps = HeadSteps(loss_kind, setup.names_ad, Xs.detach(), ys, Xq.detach(), yq)
+        fwd = forward_sweep(steps, setup, keep_grads=True)
+        v, (gXs, gXq), lr_acc = adjoint_sweep(steps, fwd, setup, lr_acc=lr_acc)
         if ph:
             with torch.enable_grad():
                 body = torch.autograd.grad([Xs, Xq], ph, grad_outputs=[gXs, gXq], allow_unused=True)
@@ -187,7 +188,7 @@ def run_head_path(model, loss_kind: str, unit, names_ad, names_fx, theta0, phi0,
             body = []
         th_acc = [b if a is None else a + b for a, b in zip(th_acc, v)]
         ph_acc = [b if a is None else a + b for a, b in zip(ph_acc, body)]
-        q_sum, s_sum, m_sum = q_sum + lq, s_sum + s_loss, m_sum + meta
-        outputs.append(out)
-    ph_acc = [torch.zeros_like(p) if a is None else a for a, p in zip(ph_acc, phi0)]
-    return th_acc, ph_acc, lr_acc, q_sum, s_sum, m_sum, outputs
+        q_sum, s_sum, m_sum = q_sum + fwd.query_loss, s_sum + fwd.support_loss, m_sum + fwd.meta_loss
+        outputs.append(fwd.query_out)
+    ph_acc = [torch.zeros_like(p) if a is None else a for a, p in zip(ph_acc, setup.phi0)]
+    return UnitResult(th_acc, ph_acc, lr_acc, q_sum, s_sum, m_sum, outputs)

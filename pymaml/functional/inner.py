@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .. import ops
 from .buffers import batch_norm_policy
 
-__all__ = ["Task", "adapt", "split_params", "LrPlan"]
+__all__ = ["Task", "inner_loop", "adapt", "split_params", "LrPlan"]
 
 
 class Task(NamedTuple):
@@ -197,18 +197,22 @@ def model_call(model: nn.Module, names_ad: Sequence[str], names_fx: Sequence[str
     return torch.func.functional_call(model, d, (x,))
 
 
-def adapt(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor], *,
+def inner_loop(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor], *,
           params: Optional[Mapping[str, Tensor]] = None, steps: int = 1, lr=0.01,
           adapt: Optional[Iterable[str]] = None, create_graph: bool = False,
-          weight_decay: float = 0.0) -> Dict[str, Tensor]:
+          weight_decay: float = 0.0, batch_norm: str = "mode") -> Dict[str, Tensor]:
     """Runs K inner SGD steps on one task's support set; returns θ_K as a dict over every name in
     ``params`` (fixed, non-adapted entries are returned as given).
 
     ``create_graph=True`` keeps the graph so θ_K is differentiable in ``params`` and in the ``lr``
-    tensors (the unrolled path); otherwise θ_K is detached. BatchNorm follows the policy of
-    :mod:`pymaml.functional.buffers`.
+    tensors (the unrolled path); otherwise θ_K is detached. BatchNorm follows ``batch_norm``
+    (:mod:`pymaml.functional.buffers`): under ``"mode"`` a train-mode layer's running statistics
+    are updated once per inner step, as by an ordinary forward pass. ``adapt`` names the adapted parameters, as in
+    :func:`~pymaml.functional.meta_gradient` (default: all).
+
+    Also available under its former name ``pymaml.functional.adapt``.
     """
-    op = "adapt"
+    op = "inner_loop"
     if params is None:
         params = dict(model.named_parameters())
     if not isinstance(steps, int) or steps < 0:
@@ -218,7 +222,7 @@ def adapt(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callable[[T
     phi = [params[n] for n in names_fx]
     x, y = support
     plan = LrPlan(op, lr, steps, names_ad, theta)  # validates lr whichever path runs
-    with batch_norm_policy(model), torch.enable_grad():
+    with batch_norm_policy(model, policy=batch_norm) as bn, bn.counted(), torch.enable_grad():
         if create_graph:
             plan_lr = _user_lr_forms(lr, steps, names_ad)  # the user's own tensors: the graph reaches them
             th = list(theta)
@@ -243,6 +247,10 @@ def adapt(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callable[[T
     return out
 
 
+#: former name of :func:`inner_loop`
+adapt = inner_loop
+
+
 def _user_lr_forms(lr, steps: int, names: Sequence[str]):
     """Per-step ops-form step sizes built from the user's own tensors (graph kept)."""
     def one(x):
@@ -251,7 +259,7 @@ def _user_lr_forms(lr, steps: int, names: Sequence[str]):
         return x
     if isinstance(lr, (list, tuple)):
         if len(lr) != steps:
-            raise ValueError(f"adapt: a per-step lr list must have one entry per inner step: "
+            raise ValueError(f"inner_loop: a per-step lr list must have one entry per inner step: "
                              f"got {len(lr)} entries for steps={steps}")
         return [one(x) for x in lr]
     return [one(lr)] * steps

@@ -1,8 +1,9 @@
-"""Pure-torch reference of every pymaml op.
+"""Pure-torch reference of the fused update, adjoint-step, finite-difference and norm ops.
 
-This module is two things at once: the fallback used when the compiled extension is missing (or
-``PYMAML_BACKEND=torch``), and the oracle the tests compare the compiled kernels against.
-``pymaml.ops`` exposes exactly these names and signatures.
+Together with :mod:`.batchnorm` and :mod:`.heads` this is the reference of every pymaml op: the
+fallback used when the compiled extension is missing (or ``PYMAML_BACKEND=torch``), and the oracle
+the tests compare the compiled kernels against. ``pymaml.ops`` exposes the same names and
+signatures; the docstrings here are the ops' contracts.
 
 Contract shared by every op
 ---------------------------
@@ -18,6 +19,9 @@ Contract shared by every op
   A list may mix the last two forms.
 * Out-of-place ops are differentiable (any order) in every tensor argument. In-place ops (trailing
   underscore) are for no-grad use.
+
+Each public function validates its inputs (:mod:`pymaml._checks`) and then runs its ``*_core``
+twin, which ``pymaml.ops`` calls directly on inputs it has validated itself.
 """
 from __future__ import annotations
 
@@ -26,18 +30,16 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._checks import LrLike, as_list, check_floating, check_pairs, normalize_lr
+from .._checks import (LOW_PRECISION, LrLike, as_list, check_fd, check_no_grad, check_norm, check_step,
+                       check_update, opmath_dtype)
 
 __all__ = [
     "sgd_update", "sgd_update_", "backward_step", "fd_perturb", "fd_quotient",
     "global_norm", "clip_grad_norm_",
 ]
 
-_LOW = (torch.float16, torch.bfloat16)
-
-
 def _opmath(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in _LOW else t
+    return t.float() if t.dtype in LOW_PRECISION else t
 
 
 def _lr_for(kind, lr, i: int, like: Tensor):
@@ -45,8 +47,7 @@ def _lr_for(kind, lr, i: int, like: Tensor):
     if kind == "float":
         return lr
     a = lr if kind == "shared" else lr[i]
-    dt = torch.float32 if like.dtype in _LOW else like.dtype
-    a = a.to(device=like.device, dtype=dt)
+    a = a.to(device=like.device, dtype=opmath_dtype(like.dtype))
     return a.reshape(()) if a.numel() == 1 else a
 
 
@@ -70,11 +71,11 @@ def _reduce_lr_grad(kind, lr, per_param: List[Tensor]):
 def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
                weight_decay: float = 0.0) -> List[Tensor]:
     """θ'_i = θ_i − α_i ⊙ (g_i + weight_decay · θ_i), a new list; differentiable in θ, g and α."""
-    op = "sgd_update"
-    params = as_list(op, "params", params)
-    grads = as_list(op, "grads", grads)
-    check_pairs(op, ("params", "grads"), (params, grads))
-    kind, lr = normalize_lr(op, lr, params)
+    params, grads, kind, lr = check_update("sgd_update", params, grads, lr)
+    return sgd_update_core(params, grads, kind, lr, weight_decay)
+
+
+def sgd_update_core(params: List[Tensor], grads: List[Tensor], kind: str, lr, weight_decay: float) -> List[Tensor]:
     out = []
     for i, (p, g) in enumerate(zip(params, grads)):
         p32, g32 = _opmath(p), _opmath(g)
@@ -87,11 +88,13 @@ def sgd_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
                 weight_decay: float = 0.0) -> None:
     """In-place θ_i ← θ_i − α_i ⊙ (g_i + weight_decay · θ_i). For no-grad use."""
     op = "sgd_update_"
-    params = as_list(op, "params", params)
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-        raise RuntimeError(f"{op}: params require grad; the in-place update is for no-grad use. "
-                           f"Wrap the call in torch.no_grad() or use sgd_update (out of place).")
-    new = sgd_update(params, grads, lr, weight_decay)
+    check_no_grad(op, as_list(op, "params", params))
+    params, grads, kind, lr = check_update(op, params, grads, lr)
+    sgd_update_core_(params, grads, kind, lr, weight_decay)
+
+
+def sgd_update_core_(params: List[Tensor], grads: List[Tensor], kind: str, lr, weight_decay: float) -> None:
+    new = sgd_update_core(params, grads, kind, lr, weight_decay)
     with torch.no_grad():
         for p, n in zip(params, new):
             p.copy_(n)
@@ -110,13 +113,12 @@ def backward_step(v: Sequence[Tensor], hvp: Sequence[Tensor], grads: Sequence[Te
                 a shared Tensor α, per tensor a one-element sum or an element-wise tensor for a list
       u_next  = α_{i-1} ⊙ v_out, the direction of the next HVP (None when next_lr is None)
     """
-    op = "backward_step"
-    v = as_list(op, "v", v)
-    hvp = as_list(op, "hvp", hvp)
-    grads = as_list(op, "grads", grads)
-    check_pairs(op, ("v", "hvp", "grads"), (v, hvp, grads))
-    kind, lr = normalize_lr(op, lr, v)
-    nkind, nlr = (None, None) if next_lr is None else normalize_lr(op, next_lr, v, "next_lr")
+    v, hvp, grads, kind, lr, nkind, nlr = check_step("backward_step", v, hvp, grads, lr, next_lr)
+    return backward_step_core(v, hvp, grads, kind, lr, nkind, nlr)
+
+
+def backward_step_core(v: List[Tensor], hvp: List[Tensor], grads: List[Tensor], kind: str, lr,
+                       nkind: Optional[str], nlr):
     v_out, dlr, u_next = [], [], []
     for i, (vi, hi, gi) in enumerate(zip(v, hvp, grads)):
         v32 = _opmath(vi)
@@ -129,27 +131,23 @@ def backward_step(v: Sequence[Tensor], hvp: Sequence[Tensor], grads: Sequence[Te
     return v_out, _reduce_lr_grad(kind, lr, dlr), (u_next if nkind is not None else None)
 
 
-def _eps_for(op: str, eps, like: Tensor):
+def _eps_for(eps, like: Tensor):
+    """eps (validated) as a number or a 0-d tensor in ``like``'s opmath dtype and device."""
     if isinstance(eps, Tensor):
-        if eps.numel() != 1:
-            raise ValueError(f"{op}: eps must hold one number, got shape {tuple(eps.shape)}")
-        return eps.to(device=like.device, dtype=torch.float32 if like.dtype in _LOW else like.dtype).reshape(())
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
-        raise TypeError(f"{op}: eps must be a float or a one-element Tensor, got {type(eps).__name__}")
-    if eps == 0:
-        raise ValueError(f"{op}: eps must be non-zero, got {eps}")
+        return eps.to(device=like.device, dtype=opmath_dtype(like.dtype)).reshape(())
     return float(eps)
 
 
 def fd_perturb(params: Sequence[Tensor], direction: Sequence[Tensor], eps) -> Tuple[List[Tensor], List[Tensor]]:
     """(θ + ε u, θ − ε u) in one pass; ε a float or a one-element Tensor (kept on the device)."""
-    op = "fd_perturb"
-    params = as_list(op, "params", params)
-    direction = as_list(op, "direction", direction)
-    check_pairs(op, ("params", "direction"), (params, direction))
+    params, direction = check_fd("fd_perturb", ("params", "direction"), params, direction, eps)
+    return fd_perturb_core(params, direction, eps)
+
+
+def fd_perturb_core(params: List[Tensor], direction: List[Tensor], eps) -> Tuple[List[Tensor], List[Tensor]]:
     plus, minus = [], []
     for p, u in zip(params, direction):
-        e = _eps_for(op, eps, p)
+        e = _eps_for(eps, p)
         p32, step = _opmath(p), e * _opmath(u)
         plus.append((p32 + step).to(p.dtype))
         minus.append((p32 - step).to(p.dtype))
@@ -158,13 +156,14 @@ def fd_perturb(params: Sequence[Tensor], direction: Sequence[Tensor], eps) -> Tu
 
 def fd_quotient(grads_plus: Sequence[Tensor], grads_minus: Sequence[Tensor], eps) -> List[Tensor]:
     """(g₊ − g₋) / 2ε, the central difference estimate of H u."""
-    op = "fd_quotient"
-    gp = as_list(op, "grads_plus", grads_plus)
-    gm = as_list(op, "grads_minus", grads_minus)
-    check_pairs(op, ("grads_plus", "grads_minus"), (gp, gm))
+    gp, gm = check_fd("fd_quotient", ("grads_plus", "grads_minus"), grads_plus, grads_minus, eps)
+    return fd_quotient_core(gp, gm, eps)
+
+
+def fd_quotient_core(gp: List[Tensor], gm: List[Tensor], eps) -> List[Tensor]:
     out = []
     for a, b in zip(gp, gm):
-        e = _eps_for(op, eps, a)
+        e = _eps_for(eps, a)
         out.append(((_opmath(a) - _opmath(b)) / (2 * e)).to(a.dtype))
     return out
 
@@ -172,11 +171,10 @@ def fd_quotient(grads_plus: Sequence[Tensor], grads_minus: Sequence[Tensor], eps
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     """‖concat(tensors)‖₂ as a 0-d tensor on the first tensor's device (float64 if any input is
     float64, else float32). Never synchronises with the host."""
-    op = "global_norm"
-    tensors = as_list(op, "tensors", tensors)
-    check_floating(op, "tensors", tensors)
-    if not tensors:
-        raise ValueError(f"{op}: tensors is empty")
+    return global_norm_core(check_norm("global_norm", tensors))
+
+
+def global_norm_core(tensors: List[Tensor]) -> Tensor:
     dev = tensors[0].device
     acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     sq = torch.zeros((), device=dev, dtype=acc)
@@ -191,10 +189,13 @@ def clip_grad_norm_(tensors: Sequence[Tensor], max_norm: float, eps: float = 1e-
     op = "clip_grad_norm_"
     if not max_norm > 0:
         raise ValueError(f"{op}: max_norm must be positive, got {max_norm}")
-    tensors = as_list(op, "tensors", tensors)
-    norm = global_norm(tensors)
+    return clip_grad_norm_core(check_norm(op, tensors), max_norm, eps)
+
+
+def clip_grad_norm_core(tensors: List[Tensor], max_norm: float, eps: float) -> Tensor:
+    norm = global_norm_core(tensors)
     scale = (max_norm / (norm + eps)).clamp(max=1.0)
     with torch.no_grad():
         for t in tensors:
-            t.mul_(scale.to(device=t.device, dtype=torch.float32 if t.dtype in _LOW else t.dtype))
+            t.mul_(scale.to(device=t.device, dtype=opmath_dtype(t.dtype)))
     return norm
