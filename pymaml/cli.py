@@ -10,8 +10,7 @@ import sys
 from typing import List, Optional
 
 from .algorithms import ALGORITHMS
-from .functional import ENGINES, HVP_METHODS
-from .functional.layout import MEMORY_FORMATS
+from .functional import ENGINES, HVP_METHODS, MEMORY_FORMATS
 
 
 def _parser() -> argparse.ArgumentParser:
