@@ -1,9 +1,9 @@
 // Host side of pymaml's multi-tensor CUDA kernels, written without CUDA so that the CPU build
 // compiles it too and tests/test_host_prep.py runs it on CPU tensors (through the test-only ops of
 // csrc/host_checks.cpp): the kernel-argument tables and the rule that sizes them, the operand
-// preparation (every copy made and every address taken before the first launch, so a failure can
-// never leave an in-place list half written), and the dtype grouping. The device code that reads
-// these tables is csrc/cuda/multi_tensor_apply.cuh.
+// preparation (every copy made and every address taken before the first launch, so an input that
+// preparation rejects never leaves an in-place list half written), and the dtype grouping. The
+// device code that reads these tables is csrc/cuda/multi_tensor_apply.cuh.
 #pragma once
 
 #include <ATen/ATen.h>

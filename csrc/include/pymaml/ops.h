@@ -22,8 +22,9 @@
 //   channels_last list stays channels_last); in-place ops write targets that are not dense back
 //   with copy_. Nothing is copied when all operands of an index are dense with the same strides.
 //   CUDA kernels read non-contiguous inputs through .contiguous() copies and return contiguous
-//   outputs; every copy is made before the first launch, so an in-place op that fails has written
-//   nothing. No kernel reads data_ptr of a tensor that did not pass these checks.
+//   outputs; every check is done and every copy made before the first launch, so an in-place op
+//   whose input is rejected has written nothing. No kernel reads data_ptr of a tensor that did not
+//   pass these checks.
 // * Empty tensors are skipped (their outputs are empty tensors).
 // * Step sizes `lrs` (Tensor[]): empty = "the float form is used" (only where the schema has a float);
 //   one entry holding one number = shared by every parameter, whatever the number of params (with
