@@ -7,7 +7,7 @@
 #
 #   gpu_log.txt        machine, versions, each stage's command, exit status, time and log tail
 #   build.log          the extension build
-#   test_cuda.log      pytest tests/test_cuda.py tests/test_batch_norm.py
+#   test_cuda.log      pytest tests/test_cuda.py tests/test_batch_norm.py tests/test_host_prep.py
 #   kernels.md         benchmarks/bench_kernels.py --device cuda, then bench_batch_norm.py --device cuda
 #   test_all.log       pytest tests (the whole non-slow suite; CUDA cases run where a GPU is seen)
 #   engine.md          benchmarks/bench_engine.py --device cuda            (if present)
@@ -189,7 +189,7 @@ for st in "${STAGES[@]}"; do
     info) stage info 90 - bash -c do_info ;;
     test_cuda)
       ensure_pytest
-      stage test_cuda 240 "$OUT/test_cuda.log" $PY -m pytest -v -rs --durations=15 -p no:cacheprovider tests/test_cuda.py tests/test_batch_norm.py ;;
+      stage test_cuda 240 "$OUT/test_cuda.log" $PY -m pytest -v -rs --durations=15 -p no:cacheprovider tests/test_cuda.py tests/test_batch_norm.py tests/test_host_prep.py ;;
     kernels)
       bench bench_kernels.py 180 kernels.md "${KERNELS_ARGS:-}"
       bench bench_batch_norm.py 90 kernels.md "" ;;

@@ -206,10 +206,24 @@ def test_elementwise_bitwise_equal_to_reference(dtype):
         (OPS.sgd_update_lrs(params, grads, lrs, 0.0), ref.sgd_update(params, grads, lrs)),
         (OPS.backward_step(params, grads, grads, [], lrs, 0.0, True)[2],
          ref.backward_step(params, grads, grads, 0.1, lrs)[2]),
-        (OPS.fd_quotient(params, grads, 1e-3, torch.ones((), device=DEV)), ref.fd_quotient(params, grads, 1e-3)),
+        # eps as a 0-d tensor on the device: the reference then divides (a Python float divisor
+        # becomes a multiplication by its reciprocal on CUDA, which may differ in the last bit)
+        (OPS.fd_quotient(params, grads, 1e-3, torch.ones((), device=DEV)),
+         ref.fd_quotient(params, grads, torch.tensor(1e-3, dtype=torch.float64, device=DEV))),
     ]:
         for g, w in zip(got, want):
             assert torch.equal(g, w)
+
+
+def test_subnormals_are_not_flushed():
+    # built without --use_fast_math: subnormal inputs and results are kept, as the reference keeps them
+    p = [torch.full((1003,), 3e-39, device=DEV), torch.full((5,), 1e-310, dtype=torch.float64, device=DEV)]
+    g = [x * 0.5 for x in p]
+    for got, want in [(OPS.sgd_update(p, g, 0.5, 0.0), ref.sgd_update(p, g, 0.5)),
+                      (OPS.fd_quotient(p, g, 0.5, torch.ones((), device=DEV)),
+                       ref.fd_quotient(p, g, torch.tensor(0.5, dtype=torch.float64, device=DEV)))]:
+        for x, w in zip(got, want):
+            assert torch.equal(x, w) and (x != 0).all()
 
 
 @pytest.mark.parametrize("kind", ["transpose", "strided", "misaligned"])
@@ -341,7 +355,8 @@ def lrgrad_forms(v):
 
 def check_backward_step(v, h, g, lrs, next_lrs, next_lr, has_next, next_ref):
     v_out, lr_grad, u_next = OPS.backward_step(v, h, g, lrs, next_lrs, next_lr, has_next)
-    lr_ref = 0.01 if not lrs else (lrs[0].cpu() if len(lrs) == 1 and len(v) != 1 else cpu(lrs))
+    shared = len(lrs) == 1 and (len(v) != 1 or lrs[0].numel() == 1)  # pymaml/ops.h: classify_lrs
+    lr_ref = 0.01 if not lrs else (lrs[0].cpu() if shared else cpu(lrs))
     want_v, want_lg, want_u = ref.backward_step(cpu(v), cpu(h), cpu(g), lr_ref, next_ref)
     assert_lists_close(v_out, want_v)
     if has_next:
@@ -351,7 +366,7 @@ def check_backward_step(v, h, g, lrs, next_lrs, next_lr, has_next, next_ref):
     terms = [-(gi.double() * vi.double()).cpu() for gi, vi in zip(g, v)]
     if not lrs:
         assert lr_grad == []
-    elif len(lrs) == 1 and len(v) != 1:
+    elif shared:
         assert len(lr_grad) == 1
         lg = lr_grad[0]
         assert lg.device == lrs[0].device and lg.dtype == lrs[0].dtype and lg.shape == lrs[0].shape
@@ -419,6 +434,21 @@ def test_backward_step_deterministic():
     a = OPS.backward_step(v, h, g, pt, [], 0.0, False)[1]
     b = OPS.backward_step(v, h, g, pt, [], 0.0, False)[1]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_one_param_with_a_cpu_shared_lr():
+    # one parameter and one 0-d step size on the CPU: the shared form (read on the host), not a
+    # per-tensor α on the wrong device
+    p, g = make([(33, 17)], torch.float32), make([(33, 17)], torch.float32, seed=1)
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    assert_lists_close(OPS.sgd_update_lrs(p, g, [lr], 0.01), ref.sgd_update(cpu(p), cpu(g), lr, 0.01))
+    q = [x.clone() for x in p]
+    OPS.sgd_update_lrs_(q, g, [lr], 0.0)
+    assert_lists_close(q, ref.sgd_update(cpu(p), cpu(g), lr))
+    v_out, lr_grad, u_next = OPS.backward_step(p, g, g, [lr], [lr], 0.0, True)
+    assert lr_grad[0].device.type == "cpu" and lr_grad[0].shape == () and lr_grad[0].dtype == torch.float64
+    assert_sum_close(lr_grad[0], [-(g[0].double() * p[0].double()).cpu()], torch.float32)
+    assert_lists_close(u_next, ref.backward_step(cpu(p), cpu(g), cpu(g), lr, lr)[2])
 
 
 def test_backward_step_empty_list_shared_lr():
@@ -570,6 +600,23 @@ def test_no_sync_debug_mode():
     torch.cuda.synchronize()
 
 
+def captured(step, params, p0):
+    """Runs step() once on a side stream (kernels loaded, as torch.cuda.graphs recommends), restores
+    params from p0, then captures step() into a graph: (graph, what the captured step returned)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    for p, q in zip(params, p0):
+        p.copy_(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 @cuda_only
 def test_cuda_graph_capture():
     params = make(CONV_NET + [(278011,)], torch.float32)
@@ -577,23 +624,13 @@ def test_cuda_graph_capture():
     lr = torch.tensor(0.1, device=DEV)
     pt = [torch.tensor(0.01 * (i + 1), device=DEV) for i in range(len(params))]
     p0 = [p.clone() for p in params]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm up on a side stream (kernels loaded), as torch.cuda.graphs recommends
+
+    def step():
         OPS.sgd_update_lrs_(params, grads, [lr], 0.0)
-        OPS.backward_step(params, grads, grads, pt, [lr], 0.0, True)
-        OPS.global_norm(grads)
-        OPS.fd_perturb(params, grads, 1.0, lr)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    for p, q in zip(params, p0):
-        p.copy_(q)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        OPS.sgd_update_lrs_(params, grads, [lr], 0.0)
-        v_out, lr_grad, u_next = OPS.backward_step(params, grads, grads, pt, [lr], 0.0, True)
-        norm = OPS.global_norm(grads)
-        plus, minus = OPS.fd_perturb(params, grads, 1.0, lr)
+        return (*OPS.backward_step(params, grads, grads, pt, [lr], 0.0, True), OPS.global_norm(grads),
+                *OPS.fd_perturb(params, grads, 1.0, lr))
+
+    graph, (v_out, lr_grad, u_next, norm, plus, minus) = captured(step, params, p0)
     # capture records, it does not run: params are unchanged
     assert all(torch.equal(p, q) for p, q in zip(params, p0))
     lr.fill_(0.5)  # the replay reads the new value on the device
@@ -614,6 +651,39 @@ def test_cuda_graph_capture():
     graph.replay()  # a second step from the updated params
     torch.cuda.synchronize()
     assert_lists_close(params, ref.sgd_update(want, cpu(grads), 0.5))
+
+
+@cuda_only
+def test_cuda_graph_capture_refuses_a_cpu_shared_lr_grad():
+    # the gradient of a shared α on the CPU needs a device-to-host copy, which a graph cannot record
+    v = make(CONV_NET, torch.float32)
+    lr = torch.tensor(0.1)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match=r"backward_step: lr is a shared step size on the CPU.*CUDA graph"):
+        with torch.cuda.graph(graph):
+            OPS.backward_step(v, v, v, [lr], [], 0.0, False)
+    torch.cuda.synchronize()
+
+
+@cuda_only
+def test_cuda_graph_capture_small_tables():
+    # Under capture the kernels use the 4 KB argument tables (as PyTorch does): many tensors and
+    # more chunks than one such table holds make them refill within one captured op.
+    params = make([(7,)] * 60 + [(330 * 65536 + 3,)], torch.float32)
+    grads = like(params, 1)
+    p0 = [p.clone() for p in params]
+    lr = torch.tensor(0.25, device=DEV)
+
+    def step():
+        OPS.sgd_update_lrs_(params, grads, [lr], 0.0)
+        return OPS.global_norm(grads)
+
+    graph, norm = captured(step, params, p0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_lists_close(params, ref.sgd_update(cpu(p0), cpu(grads), 0.25))
+    exact = sum((x.double() ** 2).sum().item() for x in grads) ** 0.5
+    assert abs(norm.item() - exact) <= 2e-6 * exact
 
 
 # ----------------------------------------------------------------------------------------------

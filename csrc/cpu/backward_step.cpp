@@ -87,16 +87,15 @@ double step_segment(const StepItem& it, int64_t lo, int64_t hi) {
 }
 
 // α_next for parameter i: per element (returns the tensor) or one number (sets *alpha).
-at::Tensor next_alpha(LrKind kind, at::TensorList next_lrs, size_t i, double next_lr, double shared,
-                      const at::Tensor& ref, double* alpha) {
-  *alpha = kind == LrKind::kNone ? next_lr : shared;
-  if (kind != LrKind::kPerParam) return at::Tensor();
-  const at::Tensor& a = next_lrs[i];
-  if (a.numel() == 1) {
-    *alpha = read_scalar(a);
+at::Tensor next_alpha(const LrSpec& spec, at::TensorList next_lrs, size_t i, double next_lr, const at::Tensor& ref,
+                      double* alpha) {
+  *alpha = spec.form == LrForm::kNone ? next_lr : spec.host_value;
+  if (spec.form != LrForm::kPerParam) return at::Tensor();
+  if (!spec.per_element(next_lrs, i)) {
+    *alpha = read_scalar(next_lrs[i]);
     return at::Tensor();
   }
-  return opmath_or_same(a, ref);
+  return opmath_or_same(next_lrs[i], ref);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> backward_step(
@@ -105,15 +104,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   const char* op = "backward_step";
   check_pairs(op, {"v", "hvp", "grads"}, {v, hvp, grads});
   check_cpu(op, "v", v);
-  const LrKind kind = check_lrs(op, "lr", lrs, v, /*allow_none=*/true);
-  const LrKind nkind = has_next ? check_lrs(op, "next_lr", next_lrs, v, true) : LrKind::kNone;
-  for (auto [k, list, name] : {std::make_tuple(kind, lrs, "lr"), std::make_tuple(nkind, next_lrs, "next_lr")}) {
-    if (k == LrKind::kShared) {
-      TORCH_CHECK_VALUE(list[0].device().is_cpu(), op, ": ", name, " is on ", list[0].device(),
-                        " but v is on the CPU");
-    }
+  const LrSpec spec = classify_lrs(op, "lr", lrs, v, /*allow_none=*/true);
+  const LrSpec nspec = has_next ? classify_lrs(op, "next_lr", next_lrs, v, /*allow_none=*/true) : LrSpec{};
+  for (auto [sp, list, name] : {std::make_tuple(spec, lrs, "lr"), std::make_tuple(nspec, next_lrs, "next_lr")}) {
+    TORCH_CHECK_VALUE(!sp.shared_on_device(), op, ": ", name, " is on ", list[0].device(), " but v is on the CPU");
   }
-  const double next_shared = nkind == LrKind::kShared ? read_scalar(next_lrs[0]) : 0.0;
+  const LrForm kind = spec.form;
   const size_t n = v.size();
   std::vector<StepItem> items(n);
   std::vector<int64_t> numels(n);
@@ -121,7 +117,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   std::vector<std::pair<size_t, at::Tensor>> grad_casts;  // per-element grads computed in opmath
   v_out.reserve(n);
   if (has_next) u_next.reserve(n);
-  if (kind == LrKind::kPerParam) lr_grad.reserve(n);
+  if (kind == LrForm::kPerParam) lr_grad.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     StepItem& it = items[i];
     it.dtype = v[i].scalar_type();
@@ -139,7 +135,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     if (has_next) {
       u_next.push_back(new_cpu_like(vc));
       it.u_next = u_next.back().mutable_data_ptr();
-      at::Tensor na = next_alpha(nkind, next_lrs, i, next_lr, next_shared, vc, &it.next_alpha);
+      at::Tensor na = next_alpha(nspec, next_lrs, i, next_lr, vc, &it.next_alpha);
       if (na.defined()) {
         it.next_lr = na.const_data_ptr();
         it.next_dtype = na.scalar_type();
@@ -148,8 +144,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     }
     it.lr_grad = nullptr;
     it.grad_dtype = it.dtype;
-    it.reduce = kind == LrKind::kShared || (kind == LrKind::kPerParam && lrs[i].numel() == 1);
-    if (kind == LrKind::kPerParam && !it.reduce) {
+    it.reduce = kind == LrForm::kShared || (kind == LrForm::kPerParam && !spec.per_element(lrs, i));
+    if (kind == LrForm::kPerParam && !it.reduce) {
       const at::Tensor& a = lrs[i];
       const auto want = a.scalar_type();
       const bool direct = want == it.dtype || want == opmath_dtype(it.dtype);
@@ -158,7 +154,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
       it.grad_dtype = lg.scalar_type();
       if (!direct) grad_casts.emplace_back(i, lg);
       lr_grad.push_back(std::move(lg));
-    } else if (kind == LrKind::kPerParam) {
+    } else if (kind == LrForm::kPerParam) {
       lr_grad.push_back(new_cpu(lrs[i].sizes(), lrs[i].scalar_type()));
     }
     keep.push_back(std::move(vc));
@@ -178,12 +174,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
       });
     });
   });
-  if (kind == LrKind::kShared) {
+  if (kind == LrForm::kShared) {
     double total = 0;
     for (double x : partial) total += x;
     lr_grad.push_back(new_cpu(lrs[0].sizes(), lrs[0].scalar_type()));
     write_scalar(lr_grad.back(), total);
-  } else if (kind == LrKind::kPerParam) {
+  } else if (kind == LrForm::kPerParam) {
     const std::vector<double> sums = sum_by_tensor(plan, partial, n);
     for (size_t i = 0; i < n; ++i) {
       if (items[i].reduce) write_scalar(lr_grad[i], sums[i]);

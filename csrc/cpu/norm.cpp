@@ -58,7 +58,7 @@ void scale_segment(void* data, int64_t lo, int64_t hi, double f) {
 }
 
 struct Prepared {
-  std::vector<at::Tensor> contig;
+  std::vector<at::Tensor> dense;  // dense tensors: the inputs, or clones of those that are not dense
   std::vector<int64_t> numels;
   bool any_double = false;
 };
@@ -68,12 +68,12 @@ Prepared prepare(const char* op, at::TensorList ts) {
   check_floating(op, "tensors", ts);
   check_cpu(op, "tensors", ts);
   Prepared p;
-  p.contig.reserve(ts.size());
+  p.dense.reserve(ts.size());
   for (const at::Tensor& t : ts) {
-    p.contig.push_back(t.contiguous());
+    p.dense.push_back(dense_ref(t));  // t itself when dense: walked in its memory order
     p.numels.push_back(t.numel());
-    p.any_double |= t.scalar_type() == at::kDouble;
   }
+  p.any_double = norm_accumulates_in_double(ts);
   return p;
 }
 
@@ -81,7 +81,7 @@ double sum_squares(const Prepared& p) {
   FlatPlan plan(p.numels);
   std::vector<double> partial(plan.num_segments(), 0.0);
   plan.run([&](const Segment& s, int64_t si) {
-    const at::Tensor& t = p.contig[s.tensor];
+    const at::Tensor& t = p.dense[s.tensor];
     dispatch_t(t.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       partial[si] = p.any_double ? sumsq_segment<T, double>(t.const_data_ptr(), s.lo, s.hi)
@@ -120,14 +120,14 @@ at::Tensor clip_grad_norm_(at::TensorList tensors, double max_norm, double eps) 
   if (!(scale >= 1.0)) {
     FlatPlan plan(p.numels);
     plan.run([&](const Segment& s, int64_t) {
-      const at::Tensor& t = p.contig[s.tensor];
+      const at::Tensor& t = p.dense[s.tensor];
       dispatch_t(t.scalar_type(), [&](auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
         scale_segment<T>(t.data_ptr(), s.lo, s.hi, scale);
       });
     });
     for (size_t i = 0; i < tensors.size(); ++i) {
-      if (!p.contig[i].is_same(tensors[i])) tensors[i].copy_(p.contig[i]);
+      if (!p.dense[i].is_same(tensors[i])) tensors[i].copy_(p.dense[i]);
     }
   }
   return norm;

@@ -63,14 +63,11 @@ void run_update(const char* op, at::TensorList params, at::TensorList grads, con
                 at::TensorList lrs, double wd, bool inplace, std::vector<at::Tensor>* outs) {
   check_pairs(op, {"params", "grads"}, {params, grads});
   check_cpu(op, "params", params);
-  LrKind kind = LrKind::kNone;
-  if (!lr) kind = check_lrs(op, "lr", lrs, params, /*allow_none=*/false);
+  const LrSpec spec = lr ? LrSpec{} : classify_lrs(op, "lr", lrs, params, /*allow_none=*/false);
+  TORCH_CHECK_VALUE(spec.form != LrForm::kShared || spec.on_host, op, ": lr is on ", lrs[0].device(),
+                    " but params are on the CPU");
   const size_t n = params.size();
-  double shared = lr ? *lr : 0.0;
-  if (kind == LrKind::kShared) {
-    TORCH_CHECK_VALUE(lrs[0].device().is_cpu(), op, ": lr is on ", lrs[0].device(), " but params are on the CPU");
-    shared = read_scalar(lrs[0]);
-  }
+  const double shared = lr ? *lr : spec.host_value;
   std::vector<UpdateItem> items(n);
   std::vector<at::Tensor> keep;  // copies that must outlive the kernel
   std::vector<int64_t> numels(n);
@@ -94,9 +91,9 @@ void run_update(const char* op, at::TensorList params, at::TensorList grads, con
     it.out = out.mutable_data_ptr();
     it.lr = nullptr;
     it.alpha = shared;
-    if (kind == LrKind::kPerParam) {
+    if (spec.form == LrForm::kPerParam) {
       const at::Tensor& a = lrs[i];
-      if (a.numel() == 1) {
+      if (!spec.per_element(lrs, i)) {
         it.alpha = read_scalar(a);
       } else {
         at::Tensor ac = opmath_or_same(a, pc);
@@ -132,7 +129,7 @@ std::vector<at::Tensor> sgd_update(at::TensorList params, at::TensorList grads, 
 std::vector<at::Tensor> sgd_update_lrs(at::TensorList params, at::TensorList grads, at::TensorList lrs,
                                        double wd) {
   std::vector<at::Tensor> outs;
-  run_update("sgd_update", params, grads, nullptr, lrs, wd, false, &outs);
+  run_update("sgd_update_lrs", params, grads, nullptr, lrs, wd, false, &outs);
   return outs;
 }
 
@@ -143,7 +140,7 @@ void sgd_update_(at::TensorList params, at::TensorList grads, double lr, double 
 
 void sgd_update_lrs_(at::TensorList params, at::TensorList grads, at::TensorList lrs, double wd) {
   std::vector<at::Tensor> outs;
-  run_update("sgd_update_", params, grads, nullptr, lrs, wd, true, &outs);
+  run_update("sgd_update_lrs_", params, grads, nullptr, lrs, wd, true, &outs);
 }
 
 }  // namespace

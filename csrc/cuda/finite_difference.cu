@@ -30,7 +30,8 @@ struct PerturbFunctor {
   using O = at::opmath_type<T>;
   StepSize step;
 
-  __device__ __forceinline__ void operator()(const TensorListMeta<4>& m) const {
+  template <class Meta>
+  __device__ __forceinline__ void operator()(const Meta& m) const {
     const ChunkRef c = locate(m);
     const T* p = slot_ptr<T>(m, 0, c);
     const T* u = slot_ptr<T>(m, 1, c);
@@ -62,7 +63,8 @@ struct QuotientFunctor {
   using O = at::opmath_type<T>;
   StepSize two_e;
 
-  __device__ __forceinline__ void operator()(const TensorListMeta<3>& m) const {
+  template <class Meta>
+  __device__ __forceinline__ void operator()(const Meta& m) const {
     const ChunkRef c = locate(m);
     const T* a = slot_ptr<T>(m, 0, c);
     const T* b = slot_ptr<T>(m, 1, c);
@@ -86,7 +88,7 @@ StepSize make_step(const char* op, double eps, double factor, const at::Tensor& 
                    const at::Device& device) {
   check_eps_scale(op, eps_scale);
   TORCH_CHECK_VALUE(eps != 0.0, op, ": eps must be non-zero, got ", eps);
-  if (eps_scale.device().is_cpu()) return StepSize{factor * eps * eps_scale.item<double>(), nullptr, 0};  // no GPU sync
+  if (eps_scale.device().is_cpu()) return StepSize{factor * eps * read_cpu_scalar(eps_scale), nullptr, 0};  // no GPU sync
   TORCH_CHECK_VALUE(eps_scale.device() == device, op, ": eps_scale is on ", eps_scale.device(),
                     " but the tensors are on ", device);
   return StepSize{factor * eps, eps_scale.const_data_ptr(), static_cast<uint8_t>(eps_scale.scalar_type())};
@@ -116,7 +118,7 @@ void run_grouped(const char* op, at::TensorList a, const StepSize& step, Fill fi
 at::Device check_two_lists(const char* op, const char* name_a, at::TensorList a, const char* name_b,
                            at::TensorList b) {
   check_pairs(op, {name_a, name_b}, {a, b});
-  return cuda_device_of(op, name_a, a);
+  return kernel_device(op, name_a, a, at::kCUDA);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> fd_perturb_cuda(at::TensorList params,
@@ -140,7 +142,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> fd_perturb_cuda(at:
     minus[i] = at::empty(params[i].sizes(), params[i].options());
   }
   run_grouped<4, PerturbFunctor>(op, params, step, [&](TensorEntry<4>& e, size_t i) {
-    e.addr = {address(p_c[i]), address(u_c[i]), address(plus[i]), address(minus[i])};
+    e.addr = {address(p_c[i], device), address(u_c[i], device), address(plus[i], device), address(minus[i], device)};
   });
   return {plus, minus};
 }
@@ -164,7 +166,7 @@ std::vector<at::Tensor> fd_quotient_cuda(at::TensorList grads_plus, at::TensorLi
     out[i] = at::empty(grads_plus[i].sizes(), grads_plus[i].options());
   }
   run_grouped<3, QuotientFunctor>(op, grads_plus, two_e, [&](TensorEntry<3>& e, size_t i) {
-    e.addr = {address(a_c[i]), address(b_c[i]), address(out[i])};
+    e.addr = {address(a_c[i], device), address(b_c[i], device), address(out[i], device)};
   });
   return out;
 }

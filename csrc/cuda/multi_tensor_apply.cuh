@@ -1,17 +1,20 @@
-// Multi-tensor apply for pymaml's CUDA kernels.
+// Multi-tensor apply for pymaml's CUDA kernels: the device side, and the launch.
 //
 // One launch walks a table of (tensor, chunk) pairs that is passed by value as the kernel argument,
 // so a list of many small tensors costs one launch instead of one per tensor (the scheme of
 // PyTorch's ATen/native/cuda/MultiTensorApply.cuh and apex). Each block handles one chunk of
-// kChunkSize elements of one tensor, 512 threads, kILP elements a thread per step; it uses 16-byte
-// class vector loads when every pointer it touches is aligned, and a bounds-checked scalar path for
-// the rest (unaligned views, and the < kILP elements at the end of a tensor). The table is refilled
-// and the kernel launched again whenever it runs out of tensor or block slots.
+// kChunkSize elements of one tensor, 512 threads, kILP = 4 elements a thread per step; it loads
+// those 4 elements as one vector (16 bytes for float, 32 for double, 8 for half and bfloat16) when
+// every pointer it touches is aligned to that size, and takes a bounds-checked scalar path for the
+// rest (unaligned views, and the < kILP elements at the end of a tensor). The table is refilled
+// and the kernel launched again whenever it runs out of tensor or block slots. The tables, their
+// two sizes and the operand preparation are host code shared with the CPU build:
+// csrc/include/pymaml/device_plan.h.
 //
 // Contract for callers (the host side of every op in this directory):
 //   * every address put into a TensorEntry belongs to a contiguous tensor on the current device
 //     whose element type is the one the functor is instantiated for, checked before data_ptr() is
-//     read;
+//     read (device_plan.h: address);
 //   * entries with numel 0 are skipped here, so ops must still produce their (empty) outputs;
 //   * launches go to c10::cuda::getCurrentCUDAStream() under the caller's CUDAGuard and are checked
 //     with C10_CUDA_KERNEL_LAUNCH_CHECK(); nothing here synchronises with the host, so the ops can be
@@ -20,137 +23,76 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/CallOnce.h>
 #include <cuda_runtime_api.h>
+#include <pymaml/device_plan.h>
 #include <pymaml/ops.h>
 
-#include <array>
 #include <cstdint>
-#include <limits>
+#include <optional>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 namespace pymaml::cuda {
 
-constexpr int kILP = 4;
-constexpr int64_t kChunkSize = 65536;
-constexpr int kBlockSize = 512;
+using namespace pymaml::device;  // NOLINT: the shared host side, used throughout this directory
 
-// The kernel-argument limit: 32764 bytes with CUDA >= 12.1 on Volta and newer; PyTorch relies on it
-// from CUDA 13 on, and so do we (older toolkits get the classic 4096 bytes).
-#if defined(CUDART_VERSION) && CUDART_VERSION >= 13000
-constexpr int kParamBytes = 32764;
-constexpr int kMaxBlocks = 2240;
-using block_index_t = uint16_t;
+// Whether launches on the current device and stream may use the 32764-byte argument tables
+// (device_plan.h: use_large_kernel_args). The driver and the devices' compute capabilities are read
+// once; the capture status is asked per launch (a host query, no sync).
+inline bool large_kernel_args() {
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+  static c10::once_flag once;
+  static int driver = 0;
+  static std::vector<int> major;
+  c10::call_once(once, [] {
+    C10_CUDA_CHECK(cudaDriverGetVersion(&driver));
+    const int n = c10::cuda::device_count();
+    major.resize(n);
+    for (int d = 0; d < n; ++d) C10_CUDA_CHECK(cudaDeviceGetAttribute(&major[d], cudaDevAttrComputeCapabilityMajor, d));
+  });
+  const int d = c10::cuda::current_device();
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  return d < static_cast<int>(major.size()) && use_large_kernel_args(CUDART_VERSION, driver, major[d], capturing);
 #else
-constexpr int kParamBytes = 4096;
-constexpr int kMaxBlocks = 320;
-using block_index_t = uint8_t;
+  return false;
 #endif
-// Room left in the argument buffer for the functor (scalars and a few pointers).
-constexpr int kFunctorBytes = 256;
-
-// Per-tensor modes for the two scalar slots of an entry (what each op makes of them is documented
-// in its functor).
-enum Mode : uint8_t {
-  kNone = 0,     // slot unused
-  kArg = 1,      // the value is a functor argument (a Python float, or a CPU tensor read on the host)
-  kDevice = 2,   // a one-element tensor read on the device: entry.scalar[slot] (dtype scalar_dtype)
-  kElement = 3,  // one value per element: a tensor in one of the address slots
-  kReduce = 4,   // a per-chunk partial sum is written to partials[partial_base + chunk]
-};
-
-constexpr int max_tensors_for(int depth) {
-  // addresses + numel + 2 scalar pointers + partial base + 2 dtypes + 2 modes
-  const int per_tensor = depth * 8 + 8 + 2 * 8 + 4 + 2 + 2;
-  const int fixed = kMaxBlocks * static_cast<int>(sizeof(block_index_t) + sizeof(int32_t)) + 64;
-  const int n = (kParamBytes - kFunctorBytes - fixed) / per_tensor;
-  const int cap = static_cast<int>(std::numeric_limits<block_index_t>::max()) + 1;
-  return n < cap ? n : cap;
 }
 
-template <int D>
-struct TensorListMeta {
-  static constexpr int kMaxTensors = max_tensors_for(D);
-  void* addr[D][kMaxTensors];
-  int64_t numel[kMaxTensors];
-  const void* scalar[2][kMaxTensors];
-  int32_t partial_base[kMaxTensors];
-  uint8_t scalar_dtype[2][kMaxTensors];
-  uint8_t mode[2][kMaxTensors];
-  block_index_t block_to_tensor[kMaxBlocks];
-  int32_t block_to_chunk[kMaxBlocks];
-};
-
-// What the host side fills in per tensor; unused address slots stay nullptr.
-template <int D>
-struct TensorEntry {
-  std::array<void*, D> addr{};
-  int64_t numel = 0;
-  std::array<const void*, 2> scalar{nullptr, nullptr};
-  std::array<uint8_t, 2> scalar_dtype{0, 0};
-  std::array<uint8_t, 2> mode{kNone, kNone};
-  int32_t partial_base = 0;
-};
-
-inline int64_t num_chunks(int64_t numel) { return (numel + kChunkSize - 1) / kChunkSize; }
-
-template <int D, typename F>
+template <class Meta, typename F>
 C10_LAUNCH_BOUNDS_1(kBlockSize)
-__global__ void multi_tensor_kernel(TensorListMeta<D> meta, F functor) {
+__global__ void multi_tensor_kernel(Meta meta, F functor) {
   functor(meta);
 }
 
-// Launches `functor` over every chunk of every non-empty entry, as few times as the table allows.
+template <class Meta, int D, typename F>
+void launch_tables(const std::vector<TensorEntry<D>>& entries, const F& functor) {
+  static_assert(sizeof(Meta) + sizeof(F) <= Meta::kParamBytes, "kernel arguments exceed the launch limit");
+  static_assert(sizeof(F) <= kFunctorBytes, "functor too large for the reserved argument space");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for_each_table<Meta>(entries, [&](const Meta& meta, int n_blocks) {
+    multi_tensor_kernel<Meta, F><<<n_blocks, kBlockSize, 0, stream>>>(meta, functor);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Launches `functor` over every chunk of every non-empty entry, as few times as the table allows,
+// with the large tables where the driver and device allow them (chosen at run time).
 template <int D, typename F>
 void multi_tensor_apply(const std::vector<TensorEntry<D>>& entries, const F& functor) {
-  using Meta = TensorListMeta<D>;
-  static_assert(sizeof(Meta) + sizeof(F) <= kParamBytes, "kernel arguments exceed the launch limit");
-  static_assert(sizeof(F) <= kFunctorBytes, "functor too large for the reserved argument space");
   if (entries.empty()) return;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Meta meta{};
-  int n_tensors = 0;
-  int n_blocks = 0;
-  auto put = [&meta](int slot, const TensorEntry<D>& e) {
-    for (int d = 0; d < D; ++d) meta.addr[d][slot] = e.addr[d];
-    meta.numel[slot] = e.numel;
-    meta.partial_base[slot] = e.partial_base;
-    for (int s = 0; s < 2; ++s) {
-      meta.scalar[s][slot] = e.scalar[s];
-      meta.scalar_dtype[s][slot] = e.scalar_dtype[s];
-      meta.mode[s][slot] = e.mode[s];
-    }
-  };
-  auto launch = [&] {
-    multi_tensor_kernel<D, F><<<n_blocks, kBlockSize, 0, stream>>>(meta, functor);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  for (const auto& e : entries) {
-    if (e.numel == 0) continue;
-    put(n_tensors++, e);
-    const int64_t chunks = num_chunks(e.numel);
-    for (int64_t c = 0; c < chunks; ++c) {
-      meta.block_to_tensor[n_blocks] = static_cast<block_index_t>(n_tensors - 1);
-      meta.block_to_chunk[n_blocks] = static_cast<int32_t>(c);
-      ++n_blocks;
-      const bool last_chunk = c == chunks - 1;
-      if (n_blocks == kMaxBlocks || (last_chunk && n_tensors == Meta::kMaxTensors)) {
-        launch();
-        n_blocks = 0;
-        if (last_chunk) {
-          n_tensors = 0;
-        } else {  // the tensor goes on in the next launch, as its slot 0
-          put(0, e);
-          n_tensors = 1;
-        }
-      }
-    }
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+  if (large_kernel_args()) {
+    launch_tables<TensorListMeta<D, true>>(entries, functor);
+    return;
   }
-  if (n_blocks > 0) launch();
+#endif
+  launch_tables<TensorListMeta<D, false>>(entries, functor);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -163,8 +105,8 @@ struct ChunkRef {
   int64_t n;       // elements in the chunk (<= kChunkSize)
 };
 
-template <int D>
-__device__ __forceinline__ ChunkRef locate(const TensorListMeta<D>& m) {
+template <class Meta>
+__device__ __forceinline__ ChunkRef locate(const Meta& m) {
   const int t = m.block_to_tensor[blockIdx.x];
   const int32_t chunk = m.block_to_chunk[blockIdx.x];
   const int64_t offset = static_cast<int64_t>(chunk) * kChunkSize;
@@ -173,8 +115,8 @@ __device__ __forceinline__ ChunkRef locate(const TensorListMeta<D>& m) {
 }
 
 // Pointer of slot d for the chunk, or nullptr when the slot is unused.
-template <typename T, int D>
-__device__ __forceinline__ T* slot_ptr(const TensorListMeta<D>& m, int d, const ChunkRef& c) {
+template <typename T, class Meta>
+__device__ __forceinline__ T* slot_ptr(const Meta& m, int d, const ChunkRef& c) {
   T* base = static_cast<T*>(m.addr[d][c.t]);
   return base == nullptr ? nullptr : base + c.offset;
 }
@@ -239,9 +181,9 @@ __device__ __forceinline__ void walk_chunk(int64_t n, bool vec, Step&& step) {
   }
 }
 
-// Separately rounded arithmetic. nvcc contracts a * b + c into one FMA by default (and
-// --use_fast_math approximates float division); the reference rounds every operation, so the
-// element-wise results here are bitwise those of pymaml.reference for every dtype.
+// Separately rounded arithmetic. nvcc contracts a * b + c into one FMA by default; the reference
+// rounds every operation, so the element-wise results here are bitwise those of pymaml.reference
+// for every dtype. (The build does not use --use_fast_math: it would flush subnormals to zero.)
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
@@ -288,51 +230,15 @@ __device__ __forceinline__ A block_sum(A x) {
 // ---------------------------------------------------------------------------------------------
 // Host helpers shared by the ops.
 
-// The device of a CUDA op's list: ts[0]'s, which must be a CUDA device holding every tensor of ts
-// (the per-index checks of pymaml/ops.h then tie the other lists to it). ts must not be empty.
-inline at::Device cuda_device_of(const char* op, const char* name, at::TensorList ts) {
-  const at::Device device = ts[0].device();
-  TORCH_CHECK_VALUE(device.is_cuda(), op, ": ", name, "[0] is on ", device,
-                    " but the CUDA kernel was called; call through pymaml.ops, which groups tensors by device");
-  check_one_device(op, name, ts, device);
-  return device;
+// A CUDA guard on the device of ts[0] when that is a CUDA tensor (otherwise the op's checks reject
+// the call with a message naming the device).
+inline c10::cuda::OptionalCUDAGuard guard_for(at::TensorList ts) {
+  return c10::cuda::OptionalCUDAGuard(!ts.empty() && ts[0].is_cuda() ? std::optional<at::Device>(ts[0].device())
+                                                                     : std::nullopt);
 }
 
-// A contiguous tensor of dtype `dtype` with t's values: t itself when it already is one.
-inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) {
-  return t.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
-}
-
-inline void* address(const at::Tensor& t) {
-  TORCH_INTERNAL_ASSERT(t.is_contiguous() && t.is_cuda());
-  return t.numel() == 0 ? nullptr : t.data_ptr();
-}
-
-// Groups indices by key, keys in order of first appearance (so launches are deterministic).
-template <typename Key>
-std::vector<std::pair<Key, std::vector<size_t>>> group_by(const std::vector<Key>& keys) {
-  std::vector<std::pair<Key, std::vector<size_t>>> groups;
-  for (size_t i = 0; i < keys.size(); ++i) {
-    auto it = groups.begin();
-    for (; it != groups.end(); ++it)
-      if (it->first == keys[i]) break;
-    if (it == groups.end()) {
-      groups.emplace_back(keys[i], std::vector<size_t>{});
-      it = groups.end() - 1;
-    }
-    it->second.push_back(i);
-  }
-  return groups;
-}
-
-// Per-chunk partial sums (float64) reduced into one-element outputs, on the current stream.
-struct SumTarget {
-  void* out;             // one element of dtype `dtype` (a supported float type), on the device
-  at::ScalarType dtype;
-  int64_t begin;         // partials[begin, begin + count)
-  int64_t count;
-};
-// Deterministic: a fixed-order strided sum per thread, then a fixed tree. With take_sqrt the square
+// Per-chunk partial sums (float64) reduced into one-element outputs (device_plan.h: SumTarget), on
+// the current stream. Deterministic: a fixed-order strided sum per thread, then a fixed tree. With take_sqrt the square
 // root of the sum is written. Defined in norm.cu.
 void finalize_sums(const at::Tensor& partials, const std::vector<SumTarget>& targets, bool take_sqrt);
 

@@ -1,7 +1,8 @@
 // CUDA kernels of global_norm and clip_grad_norm_ (schemas in csrc/ops.cpp, maths in
 // pymaml/reference.py), and finalize_sums, the second phase of every deterministic reduction here.
 //
-// global_norm: each block writes the sum of squares of its chunk (accumulated in opmath) to a
+// global_norm: each block writes the sum of squares of its chunk (accumulated in float, or in
+// double when the list holds a float64 tensor, as the reference does) to a
 // float64 partials buffer; one block then adds them in a fixed order and writes the square root as
 // a 0-d tensor (float64 if any input is float64, else float32) on the device: no host sync.
 // clip_grad_norm_: the norm as above, then every tensor is scaled in place by
@@ -18,15 +19,18 @@ namespace {
 
 constexpr int kSumThreads = 256;
 
-// One block per target; targets beyond one table go to the next launch.
+// One block per target; targets beyond one table go to the next launch. Two sizes, for the two
+// kernel-argument limits (device_plan.h: use_large_kernel_args).
+template <bool kLarge>
 struct SumTable {
-  static constexpr int kMax = (kParamBytes - 64) / (8 + 8 + 8 + 1);
+  static constexpr int kMax = (ArgLimits<kLarge>::kParamBytes - 64) / (8 + 8 + 8 + 1);
   void* out[kMax];
   int64_t begin[kMax];
   int64_t count[kMax];
   uint8_t dtype[kMax];
 };
-static_assert(sizeof(SumTable) + 16 <= kParamBytes, "finalize_sums table exceeds the kernel-argument limit");
+static_assert(sizeof(SumTable<false>) + 16 <= ArgLimits<false>::kParamBytes, "finalize_sums table too large");
+static_assert(sizeof(SumTable<true>) + 16 <= ArgLimits<true>::kParamBytes, "finalize_sums table too large");
 
 __device__ __forceinline__ void store_scalar(void* p, uint8_t dtype, double x) {
   switch (dtype) {
@@ -44,8 +48,9 @@ __device__ __forceinline__ void store_scalar(void* p, uint8_t dtype, double x) {
   }
 }
 
+template <class Table>
 C10_LAUNCH_BOUNDS_1(kSumThreads)
-__global__ void finalize_sums_kernel(const double* partials, SumTable table, bool take_sqrt) {
+__global__ void finalize_sums_kernel(const double* partials, Table table, bool take_sqrt) {
   const int b = blockIdx.x;
   const int64_t begin = table.begin[b];
   const int64_t count = table.count[b];
@@ -55,13 +60,15 @@ __global__ void finalize_sums_kernel(const double* partials, SumTable table, boo
   if (threadIdx.x == 0) store_scalar(table.out[b], table.dtype[b], take_sqrt ? ::sqrt(s) : s);
 }
 
-// Slot 0: the tensor (T). mode[0] is kReduce for every entry.
-template <typename T>
+// Slot 0: the tensor (T). mode[0] is kReduce for every entry. Squares and sums in A: opmath(T), or
+// double when the list holds a float64 tensor (pymaml/ops.h: norm_accumulates_in_double).
+template <typename T, typename A>
 struct SquareSumFunctor {
-  using O = at::opmath_type<T>;
+  using O = A;
   double* partials;
 
-  __device__ __forceinline__ void operator()(const TensorListMeta<1>& m) const {
+  template <class Meta>
+  __device__ __forceinline__ void operator()(const Meta& m) const {
     const ChunkRef c = locate(m);
     const T* x = slot_ptr<T>(m, 0, c);
     const int64_t n = c.n;
@@ -98,7 +105,8 @@ struct ScaleByNormFunctor {
     return static_cast<O>(q > 1.0f ? 1.0f : q);
   }
 
-  __device__ __forceinline__ void operator()(const TensorListMeta<1>& m) const {
+  template <class Meta>
+  __device__ __forceinline__ void operator()(const Meta& m) const {
     const ChunkRef c = locate(m);
     T* x = slot_ptr<T>(m, 0, c);
     const O s = scale();
@@ -117,19 +125,19 @@ struct ScaleByNormFunctor {
 void check_tensors(const char* op, at::TensorList tensors) {
   TORCH_CHECK_VALUE(!tensors.empty(), op, ": tensors is empty");
   check_floating(op, "tensors", tensors);
-  cuda_device_of(op, "tensors", tensors);
+  kernel_device(op, "tensors", tensors, at::kCUDA);
 }
 
 // The norm of `contig` (contiguous views of the caller's tensors) as a 0-d tensor on the device.
 at::Tensor norm_of(const char* op, const std::vector<at::Tensor>& contig) {
   const size_t n = contig.size();
-  bool any_double = false;
+  const bool any_double = norm_accumulates_in_double(contig);
+  const at::Device device = contig[0].device();
   std::vector<at::ScalarType> keys(n);
   std::vector<int64_t> base(n, 0);
   int64_t total_chunks = 0;
   for (size_t i = 0; i < n; ++i) {
     keys[i] = contig[i].scalar_type();
-    any_double = any_double || keys[i] == at::kDouble;
     base[i] = total_chunks;
     total_chunks += num_chunks(contig[i].numel());
   }
@@ -144,13 +152,17 @@ at::Tensor norm_of(const char* op, const std::vector<at::Tensor>& contig) {
       TensorEntry<1> e;
       e.numel = contig[i].numel();
       if (e.numel == 0) continue;
-      e.addr[0] = address(contig[i]);
+      e.addr[0] = address(contig[i], device);
       e.mode[0] = kReduce;
       e.partial_base = static_cast<int32_t>(base[i]);
       entries.push_back(e);
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.first, "global_norm", [&] {
-      multi_tensor_apply<1>(entries, SquareSumFunctor<scalar_t>{partials_ptr});
+      if (any_double) {
+        multi_tensor_apply<1>(entries, SquareSumFunctor<scalar_t, double>{partials_ptr});
+      } else {
+        multi_tensor_apply<1>(entries, SquareSumFunctor<scalar_t, at::opmath_type<scalar_t>>{partials_ptr});
+      }
     });
   }
   finalize_sums(partials, {SumTarget{norm.data_ptr(), norm.scalar_type(), 0, total_chunks}}, /*take_sqrt=*/true);
@@ -185,7 +197,7 @@ at::Tensor clip_grad_norm__cuda(at::TensorList tensors, double max_norm, double 
       TensorEntry<1> e;
       e.numel = contig[i].numel();
       if (e.numel == 0) continue;
-      e.addr[0] = address(contig[i]);
+      e.addr[0] = address(contig[i], contig[i].device());
       entries.push_back(e);
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.first, "clip_grad_norm_", [&] {
@@ -201,26 +213,38 @@ at::Tensor clip_grad_norm__cuda(at::TensorList tensors, double max_norm, double 
 
 }  // namespace
 
-void finalize_sums(const at::Tensor& partials, const std::vector<SumTarget>& targets, bool take_sqrt) {
-  TORCH_INTERNAL_ASSERT(partials.is_cuda() && partials.scalar_type() == at::kDouble && partials.is_contiguous());
-  if (targets.empty()) return;
+namespace {
+
+template <class Table>
+void launch_finalize(const double* p, int64_t n_partials, const std::vector<SumTarget>& targets, bool take_sqrt) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const double* p = partials.numel() == 0 ? nullptr : partials.const_data_ptr<double>();
-  SumTable table{};
+  Table table{};
   int k = 0;
   for (size_t i = 0; i < targets.size(); ++i) {
     const SumTarget& t = targets[i];
-    TORCH_INTERNAL_ASSERT(t.begin >= 0 && t.count >= 0 && t.begin + t.count <= partials.numel());
+    TORCH_INTERNAL_ASSERT(t.begin >= 0 && t.count >= 0 && t.begin + t.count <= n_partials);
     table.out[k] = t.out;
     table.begin[k] = t.begin;
     table.count[k] = t.count;
     table.dtype[k] = static_cast<uint8_t>(t.dtype);
-    if (++k == SumTable::kMax || i + 1 == targets.size()) {
-      finalize_sums_kernel<<<k, kSumThreads, 0, stream>>>(p, table, take_sqrt);
+    if (++k == Table::kMax || i + 1 == targets.size()) {
+      finalize_sums_kernel<Table><<<k, kSumThreads, 0, stream>>>(p, table, take_sqrt);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       k = 0;
     }
   }
+}
+
+}  // namespace
+
+void finalize_sums(const at::Tensor& partials, const std::vector<SumTarget>& targets, bool take_sqrt) {
+  TORCH_INTERNAL_ASSERT(partials.is_cuda() && partials.scalar_type() == at::kDouble && partials.is_contiguous());
+  if (targets.empty()) return;
+  const double* p = partials.numel() == 0 ? nullptr : partials.const_data_ptr<double>();
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+  if (large_kernel_args()) return launch_finalize<SumTable<true>>(p, partials.numel(), targets, take_sqrt);
+#endif
+  launch_finalize<SumTable<false>>(p, partials.numel(), targets, take_sqrt);
 }
 
 }  // namespace pymaml::cuda

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <pymaml/ops.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -158,12 +159,7 @@ inline void vec_loop(int64_t n, const F& f) {
 }
 
 // Reads a one-element floating tensor (any dtype, on the CPU) as double without the dispatcher.
-inline double read_scalar(const at::Tensor& t) {
-  double out = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "pymaml_read_scalar",
-                                  [&] { out = static_cast<double>(*t.const_data_ptr<scalar_t>()); });
-  return out;
-}
+inline double read_scalar(const at::Tensor& t) { return read_cpu_scalar(t); }
 
 // Writes one number into a one-element tensor (any floating dtype, contiguous, on the CPU).
 inline void write_scalar(const at::Tensor& t, double v) {

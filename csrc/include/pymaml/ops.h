@@ -4,26 +4,35 @@
 // Every op, on every device:
 // * Tensor lists: index i of every list agrees in shape, dtype and device (checked here, with the
 //   messages of pymaml/_checks.py and the same Python exception types: ValueError / TypeError).
+//   A kernel names itself by its schema name (sgd_update_lrs, sgd_update_, ...), so an op raises the
+//   same message on every device.
 //   A list may mix dtypes (float16, bfloat16, float32, float64) across indices; kernels dispatch per
 //   tensor. pymaml.ops groups lists that mix devices, so a kernel sees one device; a direct call with
 //   two devices is rejected by check_one_device.
 // * Arithmetic in at::opmath_type<T> (float for Half/BFloat16), rounded once to T on the way out.
-//   Reductions (lr_grad of a per-tensor or shared α, global_norm) accumulate in opmath (double for
-//   double) per fixed-size chunk and combine the chunks in double in a fixed order: results do not
-//   depend on the number of threads (deterministic).
+//   Reductions accumulate per fixed-size chunk and combine the chunks in double in a fixed order:
+//   results do not depend on the number of threads (deterministic). lr_grad of a per-tensor or
+//   shared α accumulates each tensor's chunks in its opmath type; global_norm and clip_grad_norm_
+//   accumulate every tensor in double when any tensor of the list is float64, else in float (as
+//   pymaml/reference.py does).
 // * Layout (CPU kernels): index i of every list is walked in the memory order of its first operand
 //   when that is dense (contiguous, channels_last, any dense permutation), else of its clone with
 //   the strides torch.empty_like would give; operands with other strides are read through a copy
 //   in that order; outputs of the out-of-place ops are new tensors with those strides (a
 //   channels_last list stays channels_last); in-place ops write targets that are not dense back
-//   with copy_. CUDA kernels read non-contiguous inputs through .contiguous() copies and return
-//   contiguous outputs. No kernel reads data_ptr of a tensor that did not pass these checks.
+//   with copy_. Nothing is copied when all operands of an index are dense with the same strides.
+//   CUDA kernels read non-contiguous inputs through .contiguous() copies and return contiguous
+//   outputs; every check is done and every copy made before the first launch, so an in-place op
+//   whose input is rejected has written nothing. No kernel reads data_ptr of a tensor that did not
+//   pass these checks.
 // * Empty tensors are skipped (their outputs are empty tensors).
 // * Step sizes `lrs` (Tensor[]): empty = "the float form is used" (only where the schema has a float);
-//   one entry while params has n != 1 entries = shared by every parameter (must hold one number);
-//   n entries = one per parameter, each either one number (per-tensor, LSLR) or of the parameter's
-//   shape (per-element, Meta-SGD). An entry of another floating dtype than its parameter is read in
-//   the parameter's opmath type. A shared one-number α may live on the CPU for a CUDA op.
+//   one entry holding one number = shared by every parameter, whatever the number of params (with
+//   one param, shared and per-tensor agree), and it may then live on the CPU for a CUDA op (read
+//   once on the host); otherwise one entry per parameter, on its parameter's device, each either one
+//   number (per-tensor, LSLR) or of the parameter's shape (per-element, Meta-SGD). An entry of
+//   another floating dtype than its parameter is read in the parameter's opmath type. The forms are
+//   described once, by LrSpec / classify_lrs below.
 //
 // Ops (what is mutated; outputs):
 //   sgd_update(params, grads, lr, wd) -> out           out_i = p_i − lr (g_i + wd p_i)      pure
@@ -39,12 +48,14 @@
 //                  as lrs), else the float next_lr; u_next = [] when !has_next
 //   fd_perturb(params, direction, eps, eps_scale) -> (plus, minus)   p ± (eps·s) u, s = eps_scale
 //   fd_quotient(grads_plus, grads_minus, eps, eps_scale) -> out      (g₊ − g₋) / (2·eps·s)
-//       eps_scale: one-element floating tensor on the op's device (or CPU), never read on the host
-//       by CUDA kernels.
+//       eps_scale: one-element floating tensor on the op's device, read there by the kernels (no
+//       host sync), or on the CPU, read once on the host.
 //   global_norm(tensors) -> 0-d norm on the tensors' device; float64 if any input is float64, else
 //       float32. Requires a non-empty list.
 //   clip_grad_norm_(tensors!, max_norm, eps) -> norm before clipping; tensors scaled in place by
 //       min(1, max_norm / (norm + eps)) with no host sync.
+//   backward_step with a shared α on the CPU and v on a GPU returns lr_grad on the CPU: a
+//       synchronising copy, refused while the stream is captured into a CUDA graph.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -133,26 +144,61 @@ inline void check_one_device(const char* op, const char* name, at::TensorList ts
   }
 }
 
-enum class LrKind { kNone, kShared, kPerParam };
+// Reads a one-element floating tensor on the CPU (any of the four float dtypes) as double, without
+// a dispatcher round trip.
+inline double read_cpu_scalar(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.device().is_cpu() && t.numel() == 1);
+  double out = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "pymaml_read_scalar",
+                                  [&] { out = static_cast<double>(*t.const_data_ptr<scalar_t>()); });
+  return out;
+}
 
-// Classifies and checks a Tensor[] step-size argument against `params` (see the contract above).
-// A shared entry may be on the CPU when params are elsewhere (it is then read once on the host by
-// CPU kernels, or copied by the caller for CUDA kernels).
-inline LrKind check_lrs(const char* op, const char* name, at::TensorList lrs, at::TensorList params,
-                        bool allow_none) {
+// The forms of a Tensor[] step-size argument (see the contract above), one description for the CPU
+// and CUDA kernels.
+enum class LrForm {
+  kNone,      // empty: the float form of the schema is used
+  kShared,    // one entry holding one number, shared by every parameter
+  kPerParam,  // one entry per parameter: one number (per tensor) or the parameter's shape (per element)
+};
+
+struct LrSpec {
+  LrForm form = LrForm::kNone;
+  bool on_host = false;     // kShared: the number lives on the CPU and was read on the host
+  double host_value = 0.0;  // kShared and on_host: that number
+
+  // Entry i holds one value per element (otherwise one number for its parameter or all of them).
+  bool per_element(at::TensorList lrs, size_t i) const {
+    return form == LrForm::kPerParam && lrs[i].numel() != 1;
+  }
+  // kShared and read by the kernel from the device (a pointer, never a host read).
+  bool shared_on_device() const { return form == LrForm::kShared && !on_host; }
+};
+
+// Classifies and checks a Tensor[] step-size argument against `params`. One entry holding one
+// number is the shared form for any number of params (for one param, shared and per-tensor mean
+// the same), so it may live on the CPU, where it is read once on the host: no device sync.
+inline LrSpec classify_lrs(const char* op, const char* name, at::TensorList lrs, at::TensorList params,
+                           bool allow_none) {
   const size_t n = params.size();
+  LrSpec spec;
   if (lrs.empty()) {
     TORCH_CHECK_VALUE(allow_none || n == 0, op, ": ", name, " has 0 entries but there are ", n, " params");
-    return LrKind::kNone;
+    return spec;
   }
   check_floating(op, name, lrs);
-  if (lrs.size() == 1 && n != 1) {
+  if (lrs.size() == 1 && (n != 1 || lrs[0].numel() == 1)) {
     TORCH_CHECK_VALUE(lrs[0].numel() == 1, op, ": a single Tensor ", name,
                       " must hold one number, got shape ", py_shape(lrs[0].sizes()),
                       "; pass a list for per-tensor or per-element step sizes");
     TORCH_CHECK_VALUE(n == 0 || lrs[0].device() == params[0].device() || lrs[0].device().is_cpu(), op,
                       ": ", name, " is on ", lrs[0].device(), " but params[0] is on ", params[0].device());
-    return LrKind::kShared;
+    spec.form = LrForm::kShared;
+    if (lrs[0].device().is_cpu()) {
+      spec.on_host = true;
+      spec.host_value = read_cpu_scalar(lrs[0]);
+    }
+    return spec;
   }
   TORCH_CHECK_VALUE(lrs.size() == n, op, ": ", name, " has ", lrs.size(), " entries but there are ", n,
                     " params");
@@ -165,7 +211,16 @@ inline LrKind check_lrs(const char* op, const char* name, at::TensorList lrs, at
     TORCH_CHECK_VALUE(a.device() == p.device(), op, ": ", name, "[", i, "] is on ", a.device(),
                       " but params[", i, "] is on ", p.device());
   }
-  return LrKind::kPerParam;
+  spec.form = LrForm::kPerParam;
+  return spec;
+}
+
+// global_norm / clip_grad_norm_ (every device): every tensor's sum of squares accumulates in double
+// when any tensor of the list is float64, else in the tensor's opmath type (float).
+inline bool norm_accumulates_in_double(at::TensorList ts) {
+  for (const auto& t : ts)
+    if (t.scalar_type() == at::kDouble) return true;
+  return false;
 }
 
 inline void check_eps_scale(const char* op, const at::Tensor& s) {
@@ -173,11 +228,6 @@ inline void check_eps_scale(const char* op, const at::Tensor& s) {
                     s.defined() ? py_shape(s.sizes()) : std::string("(undefined)"));
   TORCH_CHECK_TYPE(is_float_type(s.scalar_type()), op, ": eps_scale has dtype ", py_dtype(s.scalar_type()),
                    "; only floating-point tensors are supported");
-}
-
-// Output i of an out-of-place op: a new contiguous tensor like `like`.
-inline at::Tensor new_like(const at::Tensor& like) {
-  return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 }  // namespace pymaml
