@@ -41,3 +41,4 @@ def test_former_op_modules_and_the_reference_package():
     assert old_heads.linear_head_hvp is ops.linear_head_hvp and old_heads.HeadHVP is ops.HeadHVP
     assert isinstance(old_bn.compiled_available(torch.device("cpu")), bool)
     assert isinstance(old_heads.compiled_available(torch.device("cpu")), bool)
+    assert old_bn.register_python_kernels() == old_heads.register_python_kernels() == pymaml._backend.extension_loaded()

@@ -123,26 +123,26 @@ class BatchNormPolicy:
     mean and unbiased variance are collected (:meth:`collect`, returned out of the mapped function
     by :class:`pymaml.functional.batching.Unit`), kept by :meth:`record`, and applied in task order
     by :meth:`flush`. The head-only path collects the statistics of its two body passes and
-    :meth:`replay` s them in the order of the unrolled loop's passes."""
+    replays them (:meth:`replay`) in the order of the unrolled loop's passes."""
 
     def __init__(self, policy: str, primitive: bool):
         self.policy, self.primitive = policy, primitive
-        self.times = 0
-        self._collecting: Optional[list] = None    # (module, mean, var) of the mapped call in progress
-        self._pending: List[tuple] = []            # (times, [(module, mean [T, C], var [T, C])])
+        self.counting = False
+        self._collecting: Optional[list] = None    # (module, mean, var) of the call in progress
+        self._pending: List[list] = []             # per mapped pass: [(module, mean [T, C], var [T, C])]
 
     @contextlib.contextmanager
-    def counted(self, times: int = 1) -> Iterator[None]:
-        """Forward passes in the block count ``times`` times as ordinary forward passes."""
-        old, self.times = self.times, times
+    def counted(self) -> Iterator[None]:
+        """Forward passes in the block count as ordinary forward passes."""
+        old, self.counting = self.counting, True
         try:
             yield
         finally:
-            self.times = old
+            self.counting = old
 
     def collects(self, model: nn.Module) -> bool:
         """Whether a mapped pass of ``model`` run now must return batch statistics."""
-        return self.primitive and self.times > 0 and self.policy == "mode" and updates_running_stats(model)
+        return self.primitive and self.counting and self.policy == "mode" and updates_running_stats(model)
 
     @contextlib.contextmanager
     def collect(self) -> Iterator[list]:
@@ -155,15 +155,14 @@ class BatchNormPolicy:
 
     def record(self, modules: Sequence[_BatchNorm], stats: Sequence[Tensor]) -> None:
         """Keeps the statistics a mapped pass returned ([T, C] means and variances, alternating)."""
-        self._pending.append((self.times, [(m, stats[2 * k], stats[2 * k + 1]) for k, m in enumerate(modules)]))
+        self._pending.append([(m, stats[2 * k], stats[2 * k + 1]) for k, m in enumerate(modules)])
 
     def flush(self) -> None:
         """Applies the recorded statistics task by task, each task's passes in order."""
         pending, self._pending = self._pending, []
-        n_tasks = next((mean.shape[0] for _, layers in pending for _, mean, _ in layers), 0)
+        n_tasks = next((mean.shape[0] for layers in pending for _, mean, _ in layers), 0)
         for t in range(n_tasks):
-            self.replay([[(m, mean[t], var[t]) for m, mean, var in layers] for times, layers in pending
-                         for _ in range(times)])
+            self.replay([[(m, mean[t], var[t]) for m, mean, var in layers] for layers in pending])
 
     def replay(self, passes: Sequence[Sequence[tuple]]) -> None:
         """Updates running statistics as the given forward passes would, in order; each pass is the
@@ -192,8 +191,7 @@ class BatchNormPolicy:
                 dims = [0] + list(range(2, x.dim()))
                 self._collecting.append((m, x.mean(dims), x.var(dims, correction=1)))
                 return
-            for _ in range(self.times):
-                torch.batch_norm_update_stats(x, m.running_mean, m.running_var, self._factor(m))
+            torch.batch_norm_update_stats(x, m.running_mean, m.running_var, self._factor(m))
 
     def forward_for(self, m: _BatchNorm):
         def forward(x: Tensor) -> Tensor:
@@ -201,7 +199,7 @@ class BatchNormPolicy:
             if self.policy == "mode":
                 if _uses_running_stats(m):
                     return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
-                if self.times and _updates_running_stats(m):
+                if self.counting and _updates_running_stats(m):
                     self._update(m, x)
             if self.primitive:
                 return primitive_batch_norm(x, m.weight, m.bias, m.eps)

@@ -23,8 +23,8 @@ autograd dispatch key. A kernel's error reaches the caller: nothing is silently 
 reference (see :mod:`pymaml.ops._dispatch`).
 """
 from .fd_norms import clip_grad_norm_, fd_perturb, fd_quotient, global_norm
-from .layers import HeadHVP, batch_norm, batch_norm_stats, linear_head_hvp
+from .layers import HeadHVP, batch_norm, linear_head_hvp
 from .updates import backward_step, sgd_update, sgd_update_
 
 __all__ = ["sgd_update", "sgd_update_", "backward_step", "fd_perturb", "fd_quotient", "global_norm",
-           "clip_grad_norm_", "batch_norm", "linear_head_hvp", "HeadHVP", "batch_norm_stats"]
+           "clip_grad_norm_", "batch_norm", "linear_head_hvp", "HeadHVP"]

@@ -26,16 +26,7 @@ from torch import Tensor
 from ..reference import batchnorm as _bn_ref, heads as _head_ref
 from ._dispatch import compiled
 
-__all__ = ["batch_norm", "batch_norm_stats", "linear_head_hvp", "HeadHVP"]
-
-
-def batch_norm_stats(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                     eps: float = 1e-5):
-    """``(y, mean, invstd)``: :func:`batch_norm` with the batch statistics it used (detached values)."""
-    _bn_ref.check_batch_norm("batch_norm", x, weight, bias)
-    if compiled("batch_norm", x.device):
-        return torch.ops.pymaml.batch_norm(x, weight, bias, float(eps))
-    return _bn_ref.BatchNormFn.apply(x, weight, bias, float(eps))
+__all__ = ["batch_norm", "linear_head_hvp", "HeadHVP"]
 
 
 def batch_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -45,7 +36,10 @@ def batch_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     Equal to ``F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)`` in value and
     gradients of every order; its second derivatives run through the fused
     ``pymaml::batch_norm_double_backward``. Errors name the op and the shapes."""
-    return batch_norm_stats(x, weight, bias, eps)[0]
+    _bn_ref.check_batch_norm("batch_norm", x, weight, bias)
+    if compiled("batch_norm", x.device):
+        return torch.ops.pymaml.batch_norm(x, weight, bias, float(eps))[0]
+    return _bn_ref.BatchNormFn.apply(x, weight, bias, float(eps))[0]
 
 
 class HeadHVP(NamedTuple):
