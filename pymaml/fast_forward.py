@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from . import _backend
-from .ops import batch_norm_stats
+from .reference.batchnorm import check_batch_norm
 from .functional.layout import to_layout
 
 __all__ = ["fast_forward", "layout_inputs"]
@@ -43,9 +43,11 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                 momentum: float = 0.1, eps: float = 1e-5):
     """``F.batch_norm`` through the fused op where it applies; ``NotImplemented`` elsewhere."""
     if (not training or _functorch_active() or not isinstance(input, Tensor) or input.dtype not in _FUSED_DTYPES
-            or input.dim() < 2 or not _backend.compiled_available("batch_norm_double_backward", input.device)):
+            or input.dim() < 2 or not _backend.compiled_available("batch_norm", input.device)):
         return NotImplemented
-    y, mean, invstd = batch_norm_stats(input, weight, bias, eps)
+    check_batch_norm("batch_norm", input, weight, bias)
+    # the op behind pymaml.ops.batch_norm, whose statistics serve the running-statistics update
+    y, mean, invstd = torch.ops.pymaml.batch_norm(input, weight, bias, float(eps))
     if running_mean is not None or running_var is not None:
         # The batch's statistics come with the normalisation (no second pass over x): the biased
         # variance is invstd⁻² − eps, made unbiased as F.batch_norm does for running_var.
