@@ -436,3 +436,21 @@ def test_same_script_same_numbers_as_learn2learn():
         else:
             got = list(model.parameters()) + list(model.buffers())
     assert rel(got, want) < 1e-12
+
+
+def test_learner_batch_norm_runs_the_fused_op_on_the_compiled_path():
+    """Train-mode BatchNorm in a learner's forward goes to pymaml::batch_norm when compiled kernels
+    serve the device (the fused double backward then follows), and to ATen's otherwise."""
+    from pymaml import _backend
+    learner = pymaml.MAML(conv_bn(), lr=0.1).clone()
+    x = image_tasks(1)[0][0]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        learner(x)
+    names = {e.name for e in prof.events()}
+    fused = _backend.compiled_available("batch_norm", torch.device("cpu"))
+    assert ("pymaml::batch_norm" in names) == fused
+    assert fused == (pymaml.backend() == "compiled")
+    learner.eval()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        learner(x)
+    assert "pymaml::batch_norm" not in {e.name for e in prof.events()}
