@@ -27,7 +27,6 @@ parameters of a whole run then agree.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import math
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import distributed as pdist
-from .algorithms import ALGORITHMS, Algorithm
+from .algorithms import ALGORITHMS
 from .models import OmniglotNet  # noqa: F401  (also importable from here, as before)
 from .optim import MetaOptimizer
 
@@ -172,9 +171,8 @@ class _Job:
 
 def _algo_settings(c: TrainConfig) -> dict:
     s = dict(inner_lr=c.inner_lr, inner_steps=c.inner_steps, eval_steps=c.eval_steps, engine=c.engine,
-             hvp=c.hvp, task_batching=c.task_batching, memory_format=c.memory_format)
-    if "batch_norm" in inspect.signature(Algorithm.__init__).parameters:
-        s["batch_norm"] = "transductive"  # the MAML paper's protocol: batch statistics, always
+             hvp=c.hvp, task_batching=c.task_batching, memory_format=c.memory_format,
+             batch_norm="transductive")  # the MAML paper's protocol: batch statistics, always
     s.update(c.algo_settings)
     return s
 

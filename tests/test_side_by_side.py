@@ -52,7 +52,7 @@ def test_every_installed_impl_agrees_with_pymaml(kind, order):
         rel = ((_grads(w, n, order) - ref).norm() / ref.norm()).item()
         if n == "torch.func + vmap" and kind == "conv" and order == "second":
             # torch 2.14: double backward of F.batch_norm (batch statistics) under vmap is wrong
-            # (DESIGN.md pitfalls); the harness reports it. It must still be close, not garbage.
+            # (docs/design.md, known pitfalls); the harness reports it. It must still be close, not garbage.
             assert rel < 5e-2, (n, rel)
             continue
         tol = 1e-6 if "finite_difference" in n else 1e-10  # central differences: approximate
