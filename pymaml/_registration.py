@@ -41,7 +41,9 @@ def _one_device(op: str, *lists) -> None:
 
 
 def _shared(lrs: Sequence[Tensor], n: int) -> bool:
-    return len(lrs) == 1 and n != 1
+    """The kernels' rule (``classify_lrs`` in csrc/include/pymaml/ops.h): one entry holding one number
+    is the shared step size for any number of params."""
+    return len(lrs) == 1 and (n != 1 or lrs[0].numel() == 1)
 
 
 # --------------------------------------------------------------------------- fake kernels
@@ -53,7 +55,7 @@ def _(params, grads, lr, weight_decay):
 
 @torch.library.register_fake("pymaml::sgd_update_lrs")
 def _(params, grads, lrs, weight_decay):
-    _one_device("sgd_update", params, grads)
+    _one_device("sgd_update_lrs", params, grads)
     return _like(params)
 
 
@@ -65,7 +67,7 @@ def _(params, grads, lr, weight_decay):
 
 @torch.library.register_fake("pymaml::sgd_update_lrs_")
 def _(params, grads, lrs, weight_decay):
-    _one_device("sgd_update_", params, grads)
+    _one_device("sgd_update_lrs_", params, grads)
     return None
 
 
