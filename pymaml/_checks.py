@@ -6,6 +6,7 @@ Both backends call the same checks, so they reject exactly the same inputs.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence, Union
 
 import torch
@@ -51,15 +52,25 @@ def check_pairs(op: str, names: Sequence[str], lists: Sequence[Sequence[Tensor]]
                 raise TypeError(f"{op}: {ref_name}[{i}] has dtype {a.dtype} but {name}[{i}] has dtype {b.dtype}")
 
 
+def check_number(op: str, name: str, x) -> float:
+    """A finite real Python number (a NaN or Inf step size, weight decay or ε would silently turn
+    every parameter into NaN), as a float."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(x).__name__} {x!r}")
+    if not math.isfinite(x):
+        raise ValueError(f"{op}: {name} must be finite, got {x}")
+    return float(x)
+
+
 def normalize_lr(op: str, lr: LrLike, params: Sequence[Tensor], name: str = "lr"):
     """Returns ("float", float) | ("shared", 0-d Tensor) | ("list", list[Tensor]).
 
     A list entry is either one number for its tensor (numel 1) or one per element (the param's shape).
     """
-    if isinstance(lr, bool):
-        raise TypeError(f"{op}: {name} must be a float, a 0-d Tensor or a list of Tensors, got bool")
+    if isinstance(lr, (bool, str, bytes)) or lr is None:
+        raise TypeError(f"{op}: {name} must be a float, a 0-d Tensor or a list of Tensors, got {type(lr).__name__}")
     if isinstance(lr, (int, float)):
-        return "float", float(lr)
+        return "float", check_number(op, name, lr)
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError(f"{op}: a single Tensor {name} must hold one number, got shape {tuple(lr.shape)}; "

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, reference
-from ._checks import LrLike, as_list, check_floating, check_pairs, normalize_lr
+from ._checks import LrLike, as_list, check_floating, check_number, check_pairs, normalize_lr
 
 __all__ = list(reference.__all__)
 
@@ -119,12 +119,16 @@ if _COMPILED:
 def _fast_lr(lr, params):
     """(float, None) | (None, lrs) for the kernel, or raise _Slow."""
     if isinstance(lr, float) or (isinstance(lr, int) and not isinstance(lr, bool)):
+        if lr - lr != 0:  # NaN or Inf: the full path raises
+            raise _Slow
         return float(lr), None
     if isinstance(lr, Tensor):
         if lr.numel() != 1 or lr.device != params[0].device:
             raise _Slow
         return None, [lr]
     if isinstance(lr, _SEQ):
+        if len(lr) != len(params):  # the kernels read a one-entry list as shared; the API does not
+            raise _Slow
         return None, lr
     raise _Slow
 
@@ -140,6 +144,8 @@ def _fast_update(params, grads, lr, wd, inplace):
         flr, lrs = _fast_lr(lr, params)
     if type(wd) is not float:
         wd = float(weight_decay_check(wd))
+    if (flr is not None and flr - flr != 0) or wd - wd != 0:  # NaN or Inf: the full path raises
+        raise _Slow
     if inplace:
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             raise _Slow
@@ -183,7 +189,7 @@ def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
     grads = as_list(op, "grads", grads)
     check_pairs(op, ("params", "grads"), (params, grads))
     kind, lr = normalize_lr(op, lr, params)
-    wd = float(weight_decay)
+    wd = check_number(op, "weight_decay", weight_decay)
     groups = _split(params)
     if groups is None:
         if not params or not _compiled(params[0].device):
@@ -214,7 +220,7 @@ def sgd_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
     grads = as_list(op, "grads", grads)
     check_pairs(op, ("params", "grads"), (params, grads))
     kind, lr = normalize_lr(op, lr, params)
-    wd = float(weight_decay)
+    wd = check_number(op, "weight_decay", weight_decay)
     groups = _split(params)
     if groups is None:
         groups = [(params[0].device, None)] if params else []
@@ -328,8 +334,8 @@ def _eps_args(op: str, eps, device: torch.device):
         return 1.0, (eps if eps.device == device else eps.to(device, non_blocking=True))
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         raise TypeError(f"{op}: eps must be a float or a one-element Tensor, got {type(eps).__name__}")
-    if eps == 0:
-        raise ValueError(f"{op}: eps must be non-zero, got {eps}")
+    if eps == 0 or eps - eps != 0:
+        raise ValueError(f"{op}: eps must be non-zero and finite, got {eps}")
     return float(eps), _one(device)
 
 
@@ -415,6 +421,8 @@ def clip_grad_norm_(tensors: Sequence[Tensor], max_norm: float, eps: float = 1e-
     op = "clip_grad_norm_"
     if not max_norm > 0:
         raise ValueError(f"{op}: max_norm must be positive, got {max_norm}")
+    if not (isinstance(eps, (int, float)) and eps >= 0 and eps - eps == 0):
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     tensors = as_list(op, "tensors", tensors)
     check_floating(op, "tensors", tensors)
     if not tensors:

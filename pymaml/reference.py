@@ -21,12 +21,13 @@ Contract shared by every op
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ._checks import LrLike, as_list, check_floating, check_pairs, normalize_lr
+from ._checks import LrLike, as_list, check_floating, check_number, check_pairs, normalize_lr
 
 __all__ = [
     "sgd_update", "sgd_update_", "backward_step", "fd_perturb", "fd_quotient",
@@ -75,6 +76,7 @@ def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
     grads = as_list(op, "grads", grads)
     check_pairs(op, ("params", "grads"), (params, grads))
     kind, lr = normalize_lr(op, lr, params)
+    weight_decay = check_number(op, "weight_decay", weight_decay)
     out = []
     for i, (p, g) in enumerate(zip(params, grads)):
         p32, g32 = _opmath(p), _opmath(g)
@@ -91,6 +93,10 @@ def sgd_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         raise RuntimeError(f"{op}: params require grad; the in-place update is for no-grad use. "
                            f"Wrap the call in torch.no_grad() or use sgd_update (out of place).")
+    grads = as_list(op, "grads", grads)
+    check_pairs(op, ("params", "grads"), (params, grads))  # errors named after this op
+    normalize_lr(op, lr, params)
+    check_number(op, "weight_decay", weight_decay)
     new = sgd_update(params, grads, lr, weight_decay)
     with torch.no_grad():
         for p, n in zip(params, new):
@@ -136,8 +142,8 @@ def _eps_for(op: str, eps, like: Tensor):
         return eps.to(device=like.device, dtype=torch.float32 if like.dtype in _LOW else like.dtype).reshape(())
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         raise TypeError(f"{op}: eps must be a float or a one-element Tensor, got {type(eps).__name__}")
-    if eps == 0:
-        raise ValueError(f"{op}: eps must be non-zero, got {eps}")
+    if eps == 0 or not math.isfinite(eps):
+        raise ValueError(f"{op}: eps must be non-zero and finite, got {eps}")
     return float(eps)
 
 
@@ -191,6 +197,8 @@ def clip_grad_norm_(tensors: Sequence[Tensor], max_norm: float, eps: float = 1e-
     op = "clip_grad_norm_"
     if not max_norm > 0:
         raise ValueError(f"{op}: max_norm must be positive, got {max_norm}")
+    if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     tensors = as_list(op, "tensors", tensors)
     norm = global_norm(tensors)
     scale = (max_norm / (norm + eps)).clamp(max=1.0)

@@ -264,6 +264,11 @@ def _first_order(unit: Unit, theta0, phi0, plan: LrPlan, steps, weights, wd, sca
 _RUN = {"unrolled": _unrolled, "recompute": _recompute, "first_order": _first_order}
 
 
+def trainable_params(model: nn.Module) -> Dict[str, Tensor]:
+    """The default meta-parameters: the model's parameters that require grad."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
                   params: Optional[Mapping[str, Tensor]] = None, steps: int = 1, lr=0.01,
                   engine: str = "auto", hvp: str = "auto", step_weights: Optional[Sequence] = None,
@@ -276,8 +281,9 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
     tasks          a list of :class:`Task` (equal shapes may be stacked for vmap) or one Task whose
                    tensors carry a leading task dimension
     loss_fn        ``loss_fn(output, target) -> scalar``
-    params         meta-parameters θ, default ``dict(model.named_parameters())``; names missing
-                   from it keep the module's own value and get no gradient
+    params         meta-parameters θ, default the model's parameters that require grad (frozen
+                   ones are neither adapted nor meta-learned); names missing from it keep the
+                   module's own value and get no gradient
     steps          inner steps K ≥ 0
     lr             step sizes, see :mod:`pymaml.functional.inner` (float, shared Tensor, dict per
                    tensor or per element, or a per-step list of those); Tensors get ``lr_grads``
@@ -306,7 +312,7 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
     """
     kw = dict(params=params, steps=steps, lr=lr, engine=engine, hvp=hvp, step_weights=step_weights, adapt=adapt,
               task_batching=task_batching, weight_decay=weight_decay, keep_graphs_mib=keep_graphs_mib)
-    first = next(iter((params or dict(model.named_parameters())).values()), None)
+    first = next(iter((params or trainable_params(model)).values()), None)
     tape = RngTape(memory_format == "auto" and has_randomness(model),
                    first.device if isinstance(first, Tensor) else None)
     state = tape.capture()
@@ -329,7 +335,11 @@ def _meta_gradient(model, tasks, loss_fn, *, params, steps, lr, engine, hvp, ste
     """:func:`meta_gradient` in one memory format (the arguments are its own)."""
     op = "meta_gradient"
     if params is None:
-        params = dict(model.named_parameters())
+        params = trainable_params(model)
+    if not params:
+        frozen = [n for n, _ in model.named_parameters()]
+        raise ValueError(f"{op}: no parameters to meta-learn: " + (
+            f"none of the model's parameters requires grad ({frozen})" if frozen else "params is empty"))
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"{op}: steps must be a non-negative int, got {steps!r}")
     if engine == "auto":
