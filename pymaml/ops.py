@@ -246,7 +246,7 @@ def _step_group(v, hvp, grads, kind, lr, nkind, nlr, device):
         next_lrs, next_f, has_next = [], 0.0, False
     else:
         next_f, next_lrs = _lr_args(nkind, nlr, device)
-        next_lrs, next_f, has_next = (next_lrs or []), (next_f or 0.0), True
+        next_lrs, next_f, has_next = (next_lrs or []), (0.0 if next_f is None else next_f), True  # keeps -0.0
     grad = _needs_grad(v, hvp, grads, next_lrs)
     return _call(torch.ops.pymaml.backward_step.default, grad, v, hvp, grads, lrs, next_lrs, next_f, has_next)
 
@@ -306,7 +306,7 @@ def _fast_step(v, hvp, grads, lr, next_lr):
         next_f, next_lrs, has_next = 0.0, [], False
     else:
         next_f, next_lrs = _fast_lr(next_lr, v)
-        next_f, next_lrs, has_next = (next_f or 0.0), (next_lrs or []), True
+        next_f, next_lrs, has_next = (0.0 if next_f is None else next_f), (next_lrs or []), True  # keeps -0.0
     grad = _needs_grad(v, hvp, grads, next_lrs)
     v_out, lr_grad, u_next = _call(_K_STEP, grad, v, hvp, grads, lrs or [], next_lrs, next_f, has_next)
     if lrs is None:
