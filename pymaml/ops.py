@@ -334,8 +334,10 @@ def _eps_args(op: str, eps, device: torch.device):
         return 1.0, (eps if eps.device == device else eps.to(device, non_blocking=True))
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         raise TypeError(f"{op}: eps must be a float or a one-element Tensor, got {type(eps).__name__}")
-    if eps == 0 or eps - eps != 0:
-        raise ValueError(f"{op}: eps must be non-zero and finite, got {eps}")
+    if eps == 0:
+        raise ValueError(f"{op}: eps must be non-zero, got {eps}")
+    if eps - eps != 0:
+        raise ValueError(f"{op}: eps must be finite, got {eps}")
     return float(eps), _one(device)
 
 

@@ -142,8 +142,10 @@ def _eps_for(op: str, eps, like: Tensor):
         return eps.to(device=like.device, dtype=torch.float32 if like.dtype in _LOW else like.dtype).reshape(())
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         raise TypeError(f"{op}: eps must be a float or a one-element Tensor, got {type(eps).__name__}")
-    if eps == 0 or not math.isfinite(eps):
-        raise ValueError(f"{op}: eps must be non-zero and finite, got {eps}")
+    if eps == 0:
+        raise ValueError(f"{op}: eps must be non-zero, got {eps}")
+    if not math.isfinite(eps):
+        raise ValueError(f"{op}: eps must be finite, got {eps}")
     return float(eps)
 
 
