@@ -15,15 +15,17 @@ Tolerances (docs/design.md: both paths compute half types in float32 and round o
 * element-wise outputs (sgd_update, backward_step's v_out/u_next/per-element lr_grad, fd_perturb,
   fd_quotient, clip_grad_norm_'s scale of 1) are compared bit for bit (NaN where NaN, sign of zero);
 * sums (global_norm, lr_grad of a shared or per-tensor step size) against float64 within
-  64 roundings of the accumulation type over the sum of the absolute terms, plus one rounding of
-  the output dtype;
+  ACC_ROUNDINGS roundings of the accumulation type over the sum of the absolute terms, plus one
+  rounding of the output dtype; exactly (one rounding of the output) when the terms are small
+  integers, as in a quarter of the examples, whose float32 sums are exact;
 * BatchNorm and head HVPs against float64 autograd, no worse than 8x torch's own error in the same
-  dtype or a fixed normwise tolerance per dtype; engines in float64 to 1e-9 relative (1e-5 with
-  finite-difference HVPs on a smooth model).
+  dtype or a fixed normwise tolerance per dtype (relative to max(1, the output's largest value));
+  engines to 1e-9 relative in float64, 2e-4 in float32 (at least 1e-5 with finite-difference HVPs,
+  on a smooth model), compared as whole gradient vectors.
 
-Profiles: ``ci`` (default, 1,000 examples per op test, derandomized), ``long`` (20,000, random) and
-``dev`` (50), chosen with ``PYMAML_HYPOTHESIS_PROFILE``. ``pytest --hypothesis-show-statistics`` reports the
-examples run per test.
+Profiles, chosen with ``PYMAML_HYPOTHESIS_PROFILE``: ``ci`` (the default: 1,000 examples per op
+test, derandomized), ``long`` (20,000, random) and ``dev`` (50); the engine test runs a fifth of
+those. ``pytest --hypothesis-show-statistics`` reports the examples run per test.
 """
 from __future__ import annotations
 
@@ -123,7 +125,10 @@ def operands(specs, rng, read_only=True, scale=1.0, specials=False, dtypes=None)
     ``read_only``); with ``specials`` the NaN/Inf of the specs; ``dtypes`` overrides the specs'."""
     g = torch.Generator().manual_seed(rng.randrange(2**31))
     sizes = [math.prod(s["shape"]) for s in specs]
-    flat = torch.randn(sum(sizes), generator=g, dtype=F64) * scale
+    if specs and specs[0].get("integers"):  # small integers: float32 sums of them are exact
+        flat = torch.randint(-3, 4, (sum(sizes),), generator=g).to(F64) * scale
+    else:
+        flat = torch.randn(sum(sizes), generator=g, dtype=F64) * scale
     layouts = LAYOUTS if read_only else LAYOUTS[:-1]
     out, off = [], 0
     for i, (s, n) in enumerate(zip(specs, sizes)):
@@ -145,15 +150,16 @@ def seeded(shape, seed, salt=0):
 def tensor_lists(draw, max_tensors=MAX_TENSORS, min_tensors=0):
     """(specs, rng): up to 8 list entries chosen by hypothesis (shrinkable), then in one example
     of 16 up to ``max_tensors`` in all, else up to 12 more, from a seeded generator; one dtype
-    for the whole list or a mix."""
+    for the whole list or a mix; in one example of four, integer values (exact sums)."""
     dtype = draw(st.sampled_from((None, None, F32, F64, F16, BF16)))
     specs = draw(st.lists(spec_strategy(dtype), min_size=min_tensors, max_size=8))
     room = max_tensors - len(specs)
     many = draw(st.integers(0, 15)) == 0
     n_extra = draw(st.integers(0, room if many else min(12, room)))
+    integers = draw(st.integers(0, 3)) == 0
     rng = random.Random(draw(st.integers(0, 2**32 - 1)))
     specs += [random_spec(rng, dtype) for _ in range(n_extra)]
-    return specs, rng
+    return [dict(s, integers=integers) for s in specs], rng
 
 
 # ------------------------------------------------------------------------------ step sizes
@@ -228,15 +234,29 @@ def same_bits(got, want, what):
                                  f"{g[at].item()!r} vs {w[at].item()!r}")
 
 
-def check_sum(got, ref64, eps_abs_sum, what):
-    """``got`` (any float dtype) against a float64 sum: within 64·Σ eps·|term| (``eps_abs_sum``) plus
-    one rounding of got's dtype; a non-finite sum must be reproduced exactly (NaN, or the same infinity)."""
+# The CPU kernels add up to 2048 terms in sequence per vector lane (16384-element chunks over 8
+# lanes) before combining the chunks in float64: recursive summation's worst case is about that many
+# roundings, and constant data comes close (17,393 float16 1000s: 2.5e-5 relative in the norm's
+# square). Sums of small integers are exact and compared without it.
+ACC_ROUNDINGS = 4096
+
+
+def exact_terms(terms) -> bool:
+    """Whether every partial sum of these terms is exact in float32: integers, |Σ| < 2^24."""
+    return all(torch.equal(t, t.round()) for t in terms) and \
+        float(sum((t.double().abs().sum() for t in terms), torch.zeros((), dtype=F64))) < 2**24
+
+
+def check_sum(got, ref64, eps_abs_sum, what, exact=False):
+    """``got`` (any float dtype) against a float64 sum: within ACC_ROUNDINGS·Σ eps·|term|
+    (``eps_abs_sum``; nothing when ``exact``) plus one rounding of got's dtype; a non-finite sum must
+    be reproduced exactly (NaN, or the same infinity)."""
     g, r = float(got.double()), float(ref64)
     fi = torch.finfo(got.dtype)
     if not math.isfinite(r):
         assert (math.isnan(g) and math.isnan(r)) or g == r, f"{what}: {g!r}, expected {r!r}"
         return
-    bound = 64 * float(eps_abs_sum) + fi.eps * abs(r) + fi.tiny
+    bound = (0.0 if exact else ACC_ROUNDINGS * float(eps_abs_sum)) + fi.eps * abs(r) + fi.tiny
     if math.isinf(g):
         assert abs(r) + bound >= fi.max, f"{what}: {g!r}, expected {r!r} (finite in {got.dtype})"
         return
@@ -313,7 +333,7 @@ def weighted_abs_sum(terms):
 def lr_sum_check(got, lr, terms, what):
     ref = sum((t.double().sum() for t in terms), torch.zeros((), dtype=F64))
     assert got.shape == lr.shape and got.dtype == lr.dtype, f"{what}: {got.shape}/{got.dtype} vs {lr.shape}/{lr.dtype}"
-    check_sum(got.reshape(()), ref, weighted_abs_sum(terms), what)
+    check_sum(got.reshape(()), ref, weighted_abs_sum(terms), what, exact_terms(terms))
 
 
 def check_backward_step(v, hvp, grads, lr, next_lr):
@@ -413,7 +433,11 @@ def check_norm(got, tensors, what):
         return
     # compared as a sum of squares (the squared result carries twice the norm's rounding)
     squares = [t.to(opmath(t.dtype)).square() for t in tensors]
-    check_sum(got.double().square(), sq, weighted_abs_sum(squares) + torch.finfo(got.dtype).eps / 64 * sq, what)
+    if exact_terms(squares):  # then only the square root rounds: got = rnd(√sq)
+        check_sum(got, norm64, 0.0, what, exact=True)
+    else:
+        check_sum(got.double().square(), sq, weighted_abs_sum(squares) + torch.finfo(got.dtype).eps / 4096 * sq,
+                  what)
 
 
 def check_global_norm(tensors):
@@ -919,3 +943,20 @@ def test_reductions_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(n)
     same_bits(list(results[0]), list(results[1]), "global_norm and the shared lr_grad on 1 vs 2 threads")
+
+
+def test_batch_norm_gradients_with_a_layout_channels_last_only_through_size_one_dims():
+    """Found by test_batch_norm: x of shape [1, 2, 1, 2] with strides [1, 1, 2, 2] (channels-last for
+    ATen, as its size-1 dims do not count) and a contiguous upstream gradient made ATen's CPU batch
+    norm backward return wrong grad_weight and grad_bias; pymaml passes both in x's layout."""
+    torch.manual_seed(0)
+    x64 = torch.randn(1, 2, 1, 2, dtype=F64) * 3 + 2
+    x = x64.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0).requires_grad_()
+    assert x.stride() == (1, 1, 2, 2)
+    w, b = torch.randn(2, dtype=F64, requires_grad=True), torch.randn(2, dtype=F64, requires_grad=True)
+    gy = torch.randn(1, 2, 1, 2, dtype=F64)
+    got = torch.autograd.grad(pm_batch_norm(x, w, b, 1e-5), (x, w, b), gy)
+    x2 = x64.clone().requires_grad_()
+    want = torch.autograd.grad(F.batch_norm(x2, None, None, w, b, True, 0.0, 1e-5), (x2, w, b), gy)
+    for name, g, r in zip(("grad_x", "grad_weight", "grad_bias"), got, want):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12, msg=name)

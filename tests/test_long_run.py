@@ -86,6 +86,7 @@ def memory_profile(algorithm, steps=STEPS, keep=None):
 @pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
 def test_memory_stays_flat(algorithm):
     tensors, mib = memory_profile(algorithm)
+    print(f"{algorithm}: {tensors:+d} live tensors, {mib:+.1f} MiB resident over {STEPS - 1 - WARMUP} meta-steps")
     assert tensors <= 0, f"{tensors} more live tensors after {STEPS - WARMUP} more meta-steps"
     assert mib < MARGIN_MIB, f"resident memory grew by {mib:.1f} MiB over {STEPS - WARMUP} meta-steps"
 
