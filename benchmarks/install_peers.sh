@@ -15,9 +15,10 @@
 #   higher 0.2.1:   nothing beyond torch.
 #   learn2learn 0.2.0: ships only an sdist whose pre-generated Cython .c files do not compile on
 #                   Python >= 3.11. We regenerate them with a current Cython (cython -3) and build
-#                   with --no-build-isolation. `import learn2learn` then imports gym (gym,
-#                   gym_notices, cloudpickle), torchvision (the build matching torch), PIL, scipy,
-#                   requests and tqdm.
+#                   with --no-build-isolation (which needs packaging for wheel's bdist_wheel).
+#                   `import learn2learn` then imports gym (gym, gym_notices, cloudpickle),
+#                   torchvision (the build matching torch), PIL, numpy, scipy, requests (with its own
+#                   imports urllib3, idna, charset-normalizer, certifi) and tqdm.
 # A peer that fails to install is reported by side_by_side.py as "not installed: <reason>".
 set -euo pipefail
 
@@ -38,8 +39,8 @@ TORCHVISION_SPEC="torchvision==0.${TV_MINOR}.*"
 
 PEERS=("higher==0.2.1" "torchopt==0.7.3")
 IMPORT_DEPS=("optree>=0.4.1" "graphviz" "typing-extensions>=4.0.0" "gym==0.26.2" "gym_notices" "cloudpickle"
-             "pillow" "scipy" "requests" "tqdm")
-BUILD_DEPS=("cython>=3" "setuptools" "wheel")
+             "pillow" "numpy" "scipy" "requests" "urllib3" "idna" "charset-normalizer" "certifi" "tqdm")
+BUILD_DEPS=("cython>=3" "setuptools" "wheel" "packaging")
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT

@@ -72,8 +72,12 @@ Tensor3 batch_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, const
   check_bn_input(op, x, weight, std::nullopt);
   check_like(op, "grad_y", grad_y, x);
   check_stats(op, x, mean, invstd);
-  return at::native_batch_norm_backward(grad_y, x, weight, std::nullopt, std::nullopt, mean, invstd,
-                                        /*train=*/true, 0.0, {true, true, true});
+  // x and grad_y in one layout: ATen's CPU kernel computes wrong grad_weight/grad_bias/grad_x when x
+  // is channels-last only through size-1 dims (shape [1, 2, 1, 2], strides [1, 1, 2, 2]) and grad_y
+  // is contiguous (torch 2.14).
+  const auto fmt = x.suggest_memory_format();
+  return at::native_batch_norm_backward(grad_y.contiguous(fmt), x.contiguous(fmt), weight, std::nullopt,
+                                        std::nullopt, mean, invstd, /*train=*/true, 0.0, {true, true, true});
 }
 
 Tensor3 double_backward_composite(const at::Tensor& grad_y, const at::Tensor& x,

@@ -42,24 +42,46 @@ def build_info() -> dict:
     return {k: getattr(b, k) for k in dir(b) if k.isupper()}
 
 
-def _why_import_failed(err: Exception) -> str:
+_REBUILD = "rebuild it against the running torch with `pip install --no-build-isolation -e .` in the source tree"
+
+
+def _binaries() -> list:
+    return glob.glob(os.path.join(_PKG_DIR, "_C*.so")) + glob.glob(os.path.join(_PKG_DIR, "_C*.pyd"))
+
+
+def _why_stale() -> Optional[str]:
+    """Why the built pymaml._C must not be loaded (it was built for another torch or CUDA), or None.
+    Checked before importing it: a binary built against another torch can crash the process."""
     info = build_info()
-    binaries = glob.glob(os.path.join(_PKG_DIR, "_C*.so")) + glob.glob(os.path.join(_PKG_DIR, "_C*.pyd"))
-    if not binaries:
-        if info.get("BUILT") is False and info.get("BUILD_ERROR"):
-            return f"not built: compiling failed at install time ({info['BUILD_ERROR']})"
-        if os.environ.get("PYMAML_NO_EXTENSION"):
-            return "not built: installed with PYMAML_NO_EXTENSION=1"
-        return ("not built: pymaml._C is missing (install with `pip install --no-build-isolation -e .`, "
-                "without PYMAML_NO_EXTENSION)")
+    if not _binaries() or not info.get("BUILT", True):
+        return None
     built_for = info.get("TORCH_VERSION")
     if built_for and built_for != torch.__version__:
         return (f"built for another torch: pymaml._C was built against torch {built_for} but torch "
-                f"{torch.__version__} is running; rebuild with `pip install --no-build-isolation -e .` ({err})")
+                f"{torch.__version__} is running; {_REBUILD}")
+    cuda = info.get("CUDA_VERSION", torch.version.cuda)
+    if cuda != torch.version.cuda:
+        return (f"built for another CUDA: pymaml._C was built with torch for CUDA {cuda} but the running torch "
+                f"is for CUDA {torch.version.cuda}; {_REBUILD}")
+    return None
+
+
+def _why_import_failed(err: Exception) -> str:
+    info = build_info()
+    binaries = _binaries()
+    if not binaries:
+        if info.get("BUILT") is False and info.get("BUILD_ERROR"):
+            return (f"not built: compiling failed at install time ({info['BUILD_ERROR']}); fix that error "
+                    f"(a C++ compiler, the CUDA toolkit) and reinstall with `pip install --no-build-isolation -e .`")
+        if os.environ.get("PYMAML_NO_EXTENSION"):
+            return ("not built: installed with PYMAML_NO_EXTENSION=1; reinstall without it, with "
+                    "`pip install --no-build-isolation -e .`")
+        return ("not built: pymaml._C is missing (install with `pip install --no-build-isolation -e .`, "
+                "without PYMAML_NO_EXTENSION)")
     if "undefined symbol" in str(err):
         return (f"built for another torch: pymaml._C does not link against torch {torch.__version__} "
                 f"({err}); rebuild with `pip install --no-build-isolation -e .`")
-    return f"failed to load pymaml._C: {type(err).__name__}: {err}"
+    return f"failed to load pymaml._C: {type(err).__name__}: {err}; {_REBUILD}"
 
 
 def _probe(device: str) -> Optional[str]:
@@ -97,10 +119,13 @@ def _init() -> None:
                                               "rebuild with PYMAML_NO_AVX2=1")
         warnings.warn(f"pymaml: using the pure-torch ops (slower): {_STATE['reason']}", RuntimeWarning, stacklevel=3)
         return
+    stale = _why_stale()
     try:
+        if stale:
+            raise ImportError(stale)
         from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
     except Exception as e:  # noqa: BLE001
-        _STATE.update(backend="torch", reason=_why_import_failed(e), error=e)
+        _STATE.update(backend="torch", reason=stale or _why_import_failed(e), error=e)
     else:
         _STATE["loaded"] = True
         from . import _registration  # noqa: F401  (fake kernels and autograd)

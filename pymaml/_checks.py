@@ -6,6 +6,7 @@ Each public op validates its inputs once, here, whichever backend then runs it.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence, Union
 
 import torch
@@ -59,15 +60,25 @@ def check_pairs(op: str, names: Sequence[str], lists: Sequence[Sequence[Tensor]]
                 raise TypeError(f"{op}: {ref_name}[{i}] has dtype {a.dtype} but {name}[{i}] has dtype {b.dtype}")
 
 
+def check_number(op: str, name: str, x) -> float:
+    """A finite real Python number (a NaN or Inf step size, weight decay or ε would silently turn
+    every parameter into NaN), as a float."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(x).__name__} {x!r}")
+    if not math.isfinite(x):
+        raise ValueError(f"{op}: {name} must be finite, got {x}")
+    return float(x)
+
+
 def normalize_lr(op: str, lr: LrLike, params: Sequence[Tensor], name: str = "lr"):
     """Returns ("float", float) | ("shared", 0-d Tensor) | ("list", list[Tensor]).
 
     A list entry is either one number for its tensor (numel 1) or one per element (the param's shape).
     """
-    if isinstance(lr, bool):
-        raise TypeError(f"{op}: {name} must be a float, a 0-d Tensor or a list of Tensors, got bool")
+    if isinstance(lr, (bool, str, bytes)) or lr is None:
+        raise TypeError(f"{op}: {name} must be a float, a 0-d Tensor or a list of Tensors, got {type(lr).__name__}")
     if isinstance(lr, (int, float)):
-        return "float", float(lr)
+        return "float", check_number(op, name, lr)
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError(f"{op}: a single Tensor {name} must hold one number, got shape {tuple(lr.shape)}; "
@@ -127,6 +138,8 @@ def check_eps(op: str, eps) -> None:
         raise TypeError(f"{op}: eps must be a float or a one-element Tensor, got {type(eps).__name__}")
     if eps == 0:
         raise ValueError(f"{op}: eps must be non-zero, got {eps}")
+    if not math.isfinite(eps):
+        raise ValueError(f"{op}: eps must be finite, got {eps}")
 
 
 def check_fd(op: str, names: Sequence[str], a, b, eps):
@@ -136,6 +149,13 @@ def check_fd(op: str, names: Sequence[str], a, b, eps):
     check_pairs(op, names, (a, b))
     check_eps(op, eps)
     return a, b
+
+
+def check_clip(op: str, max_norm, eps) -> None:
+    if not max_norm > 0:
+        raise ValueError(f"{op}: max_norm must be positive, got {max_norm}")
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
 
 
 def check_norm(op: str, tensors) -> list:

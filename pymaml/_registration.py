@@ -46,6 +46,11 @@ def _shared(lrs: Sequence[Tensor], n: int) -> bool:
     return len(lrs) == 1 and (n != 1 or lrs[0].numel() == 1)
 
 
+def _device_lrs(lrs: Sequence[Tensor], n: int) -> Sequence[Tensor]:
+    """The step sizes that must share the parameters' device: all but a shared one on the CPU."""
+    return [] if _shared(lrs, n) and lrs[0].device.type == "cpu" else lrs
+
+
 # --------------------------------------------------------------------------- fake kernels
 @torch.library.register_fake("pymaml::sgd_update")
 def _(params, grads, lr, weight_decay):
@@ -55,7 +60,7 @@ def _(params, grads, lr, weight_decay):
 
 @torch.library.register_fake("pymaml::sgd_update_lrs")
 def _(params, grads, lrs, weight_decay):
-    _one_device("sgd_update_lrs", params, grads)
+    _one_device("sgd_update_lrs", params, grads, _device_lrs(lrs, len(params)))
     return _like(params)
 
 
@@ -67,13 +72,13 @@ def _(params, grads, lr, weight_decay):
 
 @torch.library.register_fake("pymaml::sgd_update_lrs_")
 def _(params, grads, lrs, weight_decay):
-    _one_device("sgd_update_lrs_", params, grads)
+    _one_device("sgd_update_lrs_", params, grads, _device_lrs(lrs, len(params)))
     return None
 
 
 @torch.library.register_fake("pymaml::backward_step")
 def _(v, hvp, grads, lrs, next_lrs, next_lr, has_next):
-    _one_device("backward_step", v, hvp, grads)
+    _one_device("backward_step", v, hvp, grads, _device_lrs(lrs, len(v)), _device_lrs(next_lrs, len(v)))
     # shared: one entry shaped like lrs[0]; per parameter: like each entry, per element laid out
     # like v[i] in the dtype of lrs[i]
     if len(lrs) == len(v) and not _shared(lrs, len(v)):

@@ -176,7 +176,8 @@ class Algorithm(nn.Module):
 
     # -- the meta-gradient ------------------------------------------------------------------------
     def params(self) -> Dict[str, Tensor]:
-        return dict(self.model.named_parameters())
+        """The meta-parameters: the model's parameters that require grad (frozen ones stay fixed)."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def meta_gradient(self, tasks) -> MetaStep:
         tasks = as_tasks(tasks)

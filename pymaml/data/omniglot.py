@@ -24,6 +24,7 @@ import logging
 import os
 import urllib.request
 import zipfile
+import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -99,7 +100,15 @@ def find_archives(root: str, download: bool = True) -> Dict[str, str]:
 
 
 def _decode_archive(path: str, size: int) -> Tuple[List[str], np.ndarray]:
-    from PIL import Image  # optional dependency, only needed to decode
+    try:
+        return _decode_zip(path, size)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise RuntimeError(f"omniglot: {path} is not a readable zip archive ({type(e).__name__}: {e}); "
+                           f"delete it and download it again (or copy the official archive there)") from e
+
+
+def _decode_zip(path: str, size: int) -> Tuple[List[str], np.ndarray]:
+    from PIL import Image, UnidentifiedImageError  # optional dependency, only needed to decode
 
     resample = getattr(Image, "Resampling", Image).LANCZOS
     with zipfile.ZipFile(path) as z:
@@ -108,13 +117,19 @@ def _decode_archive(path: str, size: int) -> Tuple[List[str], np.ndarray]:
             if n.endswith(".png"):
                 chars.setdefault(os.path.dirname(n), []).append(n)
         names = sorted(chars)
+        if not names:
+            raise RuntimeError(f"omniglot: {path} holds no .png images (expected the official layout "
+                               f"<archive>/<Alphabet>/characterNN/*.png)")
         out = np.empty((len(names), DRAWERS, size, size), dtype=np.uint8)
         for ci, c in enumerate(names):
             files = sorted(chars[c])
             if len(files) != DRAWERS:
                 raise RuntimeError(f"omniglot: {path}:{c} holds {len(files)} images, expected {DRAWERS}")
             for di, f in enumerate(files):
-                im = Image.open(io.BytesIO(z.read(f))).convert("L")
+                try:
+                    im = Image.open(io.BytesIO(z.read(f))).convert("L")
+                except (UnidentifiedImageError, OSError) as e:
+                    raise RuntimeError(f"omniglot: {path}:{f} is not a readable image ({e})") from e
                 if im.size != (size, size):
                     im = im.resize((size, size), resample=resample)
                 out[ci, di] = 255 - np.asarray(im, dtype=np.uint8)  # strokes bright

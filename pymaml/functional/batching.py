@@ -50,7 +50,12 @@ class Unit:
 
     def _task_loss(self, theta, phi, x, y):
         out = self._fwd(theta, phi, x)
-        return self.loss_fn(out, y), out
+        loss = self.loss_fn(out, y)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            what = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"meta_gradient: loss_fn(output, target) must return a scalar Tensor (one loss "
+                             f"per task), got {what}")
+        return loss, out
 
     def loss(self, theta: Sequence[Tensor], phi: Sequence[Tensor], which: str,
              target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -60,19 +65,21 @@ class Unit:
         if target is not None:
             y = target
         if not self.batched:
-            return self._task_loss(theta, phi, x, y)
+            return _depends("support" if which == "s" else "query", self._task_loss(theta, phi, x, y), theta, phi)
         if self._stacked is not None:
             params = dict(zip(self.names_ad, theta))
             params.update(zip(self.names_fx, phi))
             out = self._stacked(params, x)
-            return stacked_task_losses(self.loss_fn, out, y).sum(), out
+            return _depends("support" if which == "s" else "query",
+                            (stacked_task_losses(self.loss_fn, out, y).sum(), out), theta, phi)
         bn = active_policy(self.model)
         if bn is not None and bn.collects(self.model):
-            return self._loss_collecting(bn, theta, phi, x, y)
+            return _depends("support" if which == "s" else "query",
+                            self._loss_collecting(bn, theta, phi, x, y), theta, phi)
         if self._vmapped is None:
             self._vmapped = torch.func.vmap(self._task_loss, in_dims=(0, None, 0, 0), randomness="different")
         per_task, out = self._vmapped(list(theta), list(phi), x, y)
-        return per_task.sum(), out
+        return _depends("support" if which == "s" else "query", (per_task.sum(), out), theta, phi)
 
     def _loss_collecting(self, bn, theta, phi, x, y):
         """The mapped loss of a pass that updates BatchNorm running statistics: every task's batch
@@ -105,6 +112,22 @@ class Unit:
 
     def outputs(self, out: Tensor) -> List[Tensor]:
         return list(out.detach().unbind(0)) if self.batched else [out.detach()]
+
+
+def _depends(which: str, result, theta, phi):
+    """Raises when the loss has no autograd history although parameters require grad: a loss that
+    does not depend on the parameters (a constant, a detached output) has no meta-gradient."""
+    loss = result[0]
+    if (torch.is_grad_enabled() and not loss.requires_grad and not _functorch_wrapped(loss)
+            and any(t.requires_grad for t in (*theta, *phi))):
+        raise ValueError(f"meta_gradient: the {which} loss ({loss.item():.6g}) does not depend on the parameters: "
+                         f"loss_fn returned a Tensor without autograd history (a constant, or computed from a "
+                         f"detached output)")
+    return result
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def is_stacked(tasks) -> bool:
@@ -158,8 +181,12 @@ def make_units(model, loss_fn, names_ad, names_fx, tasks, task_batching: str) ->
             mode = "loop"
     if mode == "vmap":
         if task_list is not None:
-            if len({_shapes(t) for t in task_list}) > 1:
-                raise ValueError(f"{op}: task_batching='vmap' needs tasks of equal shapes; use 'loop'")
+            first = _shapes(task_list[0])
+            for i, t in enumerate(task_list):
+                for name, a, b in zip(("x_s", "y_s", "x_q", "y_q"), first, _shapes(t)):
+                    if a != b:
+                        raise ValueError(f"{op}: task_batching='vmap' needs tasks of equal shapes; task {i} has "
+                                         f"{name} of shape {b} but task 0 has {a}; use 'loop'")
             task = Task(tuple(torch.stack(z) for z in zip(*(t.support for t in task_list))),
                         tuple(torch.stack(z) for z in zip(*(t.query for t in task_list))))
         return [Unit(model, loss_fn, names_ad, names_fx, task, True)], T, True

@@ -244,6 +244,11 @@ def _first_order(unit: Unit, setup: Setup) -> UnitResult:
 _RUN = {"unrolled": _unrolled, "recompute": _recompute, "first_order": _first_order}
 
 
+def trainable_params(model: nn.Module) -> Dict[str, Tensor]:
+    """The default meta-parameters: the model's parameters that require grad."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
                   params: Optional[Mapping[str, Tensor]] = None, steps: int = 1, lr=0.01,
                   engine: str = "auto", hvp: str = "auto", step_weights: Optional[Sequence] = None,
@@ -256,8 +261,9 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
     tasks          a list of :class:`Task` (equal shapes may be stacked for vmap) or one Task whose
                    tensors carry a leading task dimension
     loss_fn        ``loss_fn(output, target) -> scalar``
-    params         meta-parameters θ, default ``dict(model.named_parameters())``; names missing
-                   from it keep the module's own value and get no gradient
+    params         meta-parameters θ, default the model's parameters that require grad (frozen
+                   ones are neither adapted nor meta-learned); names missing from it keep the
+                   module's own value and get no gradient
     steps          inner steps K ≥ 0
     lr             step sizes, see :mod:`pymaml.functional.inner` (float, shared Tensor, dict per
                    tensor or per element, or a per-step list of those); Tensors get ``lr_grads``
@@ -291,7 +297,7 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
     opts = _Options(params=params, steps=steps, lr=lr, engine=engine, hvp=hvp, step_weights=step_weights,
                     adapt=adapt, task_batching=task_batching, weight_decay=weight_decay,
                     keep_graphs_mib=keep_graphs_mib, memory_format=memory_format, batch_norm=batch_norm)
-    first = next(iter((params or dict(model.named_parameters())).values()), None)
+    first = next(iter((params or trainable_params(model)).values()), None)
     tape = RngTape(memory_format == "auto" and has_randomness(model),
                    first.device if isinstance(first, Tensor) else None)
     state = tape.capture()
@@ -344,7 +350,11 @@ class _Options:
 def _meta_gradient(model, tasks, loss_fn, opts: _Options) -> MetaGradient:
     """:func:`meta_gradient` in one memory format."""
     op = "meta_gradient"
-    params = dict(model.named_parameters()) if opts.params is None else opts.params
+    params = trainable_params(model) if opts.params is None else opts.params
+    if not params:
+        frozen = [n for n, _ in model.named_parameters()]
+        raise ValueError(f"{op}: no parameters to meta-learn: " + (
+            f"none of the model's parameters requires grad ({frozen})" if frozen else "params is empty"))
     engine, hvp, hvp_auto = opts.resolved(op)
     steps = opts.steps
     weights = _weights(op, opts.step_weights, steps)

@@ -97,6 +97,8 @@ class LrPlan:
 
     def _parse(self, x, where: str):
         if _is_number(x):
+            if x - x != 0:
+                raise ValueError(f"{self.op}: {where} must be finite, got {x}")
             return ("float", float(x))
         if isinstance(x, Tensor):
             if x.numel() != 1:

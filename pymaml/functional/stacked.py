@@ -66,14 +66,22 @@ def stacked_forward(model: nn.Module) -> Optional[Callable[[Dict[str, Tensor], T
     if layers is None:
         return None
 
+    def own(params: Dict[str, Tensor], name: str) -> Optional[Tensor]:
+        # names missing from params keep the module's own value (a frozen parameter, say)
+        if name in params:
+            return params[name]
+        try:
+            return model.get_parameter(name)
+        except AttributeError:  # a Linear without bias
+            return None
+
     def f(params: Dict[str, Tensor], x: Tensor) -> Tensor:
         h = x
         for kind, what in layers:
             if kind == "pointwise":
                 h = what(h)
                 continue
-            w = params[what + "weight"]
-            b = params.get(what + "bias")
+            w, b = own(params, what + "weight"), own(params, what + "bias")
             if w.dim() == 3 and b is not None and b.dim() == 2:
                 h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
             else:
@@ -92,4 +100,8 @@ def stacked_task_losses(loss_fn: Callable, out: Tensor, y: Tensor) -> Tensor:
     if loss_fn is F.cross_entropy and out.dim() == 3 and y.dim() == 2 and not y.is_floating_point():
         T, n = y.shape
         return F.cross_entropy(out.reshape(T * n, -1), y.reshape(-1), reduction="none").view(T, n).mean(1)
-    return torch.func.vmap(loss_fn)(out, y)
+    losses = torch.func.vmap(loss_fn)(out, y)
+    if losses.dim() != 1:
+        raise ValueError(f"meta_gradient: loss_fn(output, target) must return a scalar Tensor (one loss per task), "
+                         f"got shape {tuple(losses.shape[1:])}")
+    return losses

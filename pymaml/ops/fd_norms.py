@@ -8,7 +8,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .._checks import check_fd, check_norm
+from .._checks import check_clip, check_fd, check_norm
 from ..reference import updates as reference
 from ._dispatch import below_autograd, call, compiled, groups_of, needs_grad, one, pick, same_doc, scatter, split
 
@@ -75,8 +75,7 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
 @same_doc(reference.clip_grad_norm_)
 def clip_grad_norm_(tensors: Sequence[Tensor], max_norm: float, eps: float = 1e-6) -> Tensor:
     op = "clip_grad_norm_"
-    if not max_norm > 0:
-        raise ValueError(f"{op}: max_norm must be positive, got {max_norm}")
+    check_clip(op, max_norm, eps)
     tensors = check_norm(op, tensors)
     if split(tensors) is not None or not compiled(op, tensors[0].device):
         return reference.clip_grad_norm_core(tensors, max_norm, eps)  # several devices: one norm across all

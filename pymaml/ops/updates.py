@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._checks import LrLike, as_list, check_no_grad, check_step, check_update
+from .._checks import LrLike, as_list, check_no_grad, check_number, check_step, check_update
 from ..reference import updates as reference
 from ._dispatch import (COMPILED, below_autograd, call, compiled, groups_of, lr_args, needs_grad, one_device, pick,
                         same_doc, scatter, split)
@@ -47,19 +47,23 @@ def _direct(op: str, tensors) -> bool:
 def _direct_lr(lr, params):
     """(float, None) | (None, lrs) in the kernel's form, or None when the full path must map it."""
     if type(lr) is float or (isinstance(lr, int) and not isinstance(lr, bool)):
+        if lr - lr != 0:  # NaN or Inf: the full path raises
+            return None
         return float(lr), None
     if isinstance(lr, Tensor):
         if lr.numel() != 1 or lr.device != params[0].device:
             return None
         return None, [lr]
     if isinstance(lr, _SEQ):
+        if len(lr) != len(params):  # the kernels read a one-entry list as shared; the API does not
+            return None
         return None, lr
     return None
 
 
 def _direct_wd(wd) -> Optional[float]:
-    if isinstance(wd, bool) or not isinstance(wd, (int, float)):
-        return None
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or wd - wd != 0:
+        return None  # the full path validates (and names) it
     return float(wd)
 
 
@@ -89,7 +93,7 @@ def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
                 raise
     op = "sgd_update"
     params, grads, kind, lr = check_update(op, params, grads, lr)
-    wd = float(weight_decay)
+    wd = check_number(op, "weight_decay", weight_decay)
     parts = []
     for dev, idx in groups_of(params):
         p, g = pick(params, idx), pick(grads, idx)
@@ -123,7 +127,7 @@ def sgd_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
                 raise
     check_no_grad(op, as_list(op, "params", params))
     params, grads, kind, lr = check_update(op, params, grads, lr)
-    wd = float(weight_decay)
+    wd = check_number(op, "weight_decay", weight_decay)
     for dev, idx in groups_of(params):
         p, g = pick(params, idx), pick(grads, idx)
         sub = pick(lr, idx) if kind == "list" else lr
@@ -145,7 +149,7 @@ def _step_group(v, hvp, grads, kind, lr, nkind, nlr, device):
         next_lrs, next_f, has_next = [], 0.0, False
     else:
         next_f, next_lrs = lr_args(nkind, nlr, device)
-        next_lrs, next_f, has_next = (next_lrs or []), (next_f or 0.0), True
+        next_lrs, next_f, has_next = (next_lrs or []), (0.0 if next_f is None else next_f), True
     grad = needs_grad(v, hvp, grads, next_lrs)
     return call(torch.ops.pymaml.backward_step.default, grad, v, hvp, grads, lrs, next_lrs, next_f, has_next)
 
@@ -169,7 +173,7 @@ def _direct_step(v, hvp, grads, lr, next_lr):
         return None
     lrs, (next_f, next_lrs) = lr_k[1], nxt
     has_next = next_lr is not None
-    next_f, next_lrs = (next_f or 0.0), (next_lrs or [])
+    next_f, next_lrs = (0.0 if next_f is None else next_f), (next_lrs or [])
     grad = needs_grad(v, hvp, grads, next_lrs)
     try:
         v_out, lr_grad, u_next = call(_K_STEP, grad, v, hvp, grads, lrs or [], next_lrs, next_f, has_next)

@@ -94,8 +94,20 @@ def batch_norm_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mea
                         eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias): ``native_batch_norm_backward(train=True)``."""
     check_batch_norm("batch_norm_backward", x, weight, grad_y=grad_y)
-    return torch.ops.aten.native_batch_norm_backward(grad_y, x, weight, None, None, mean, invstd, True, 0.0,
-                                                     [True, True, True])
+    # x and grad_y in one layout: ATen's CPU kernel computes wrong gradients when x is channels-last
+    # only through size-1 dims (shape [1, 2, 1, 2], strides [1, 1, 2, 2]) and grad_y is contiguous.
+    fmt = _layout(x)
+    return torch.ops.aten.native_batch_norm_backward(grad_y.contiguous(memory_format=fmt),
+                                                     x.contiguous(memory_format=fmt), weight, None, None, mean,
+                                                     invstd, True, 0.0, [True, True, True])
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    """``x.suggest_memory_format()`` of ATen: channels-last when x is laid out so, else contiguous."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+        return fmt
+    return torch.contiguous_format
 
 
 def _double(gy, x, w, mean, r, gg_x, gg_w, gg_b, dims, shape, m):

@@ -25,13 +25,14 @@ twin, which ``pymaml.ops`` calls directly on inputs it has validated itself.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .._checks import (LOW_PRECISION, LrLike, as_list, check_fd, check_no_grad, check_norm, check_step,
-                       check_update, opmath_dtype)
+from .._checks import (LOW_PRECISION, LrLike, as_list, check_clip, check_fd, check_no_grad, check_norm,
+                       check_number, check_step, check_update, opmath_dtype)
 
 __all__ = [
     "sgd_update", "sgd_update_", "backward_step", "fd_perturb", "fd_quotient",
@@ -72,6 +73,7 @@ def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
                weight_decay: float = 0.0) -> List[Tensor]:
     """θ'_i = θ_i − α_i ⊙ (g_i + weight_decay · θ_i), a new list; differentiable in θ, g and α."""
     params, grads, kind, lr = check_update("sgd_update", params, grads, lr)
+    weight_decay = check_number("sgd_update", "weight_decay", weight_decay)
     return sgd_update_core(params, grads, kind, lr, weight_decay)
 
 
@@ -90,6 +92,7 @@ def sgd_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
     op = "sgd_update_"
     check_no_grad(op, as_list(op, "params", params))
     params, grads, kind, lr = check_update(op, params, grads, lr)
+    weight_decay = check_number(op, "weight_decay", weight_decay)
     sgd_update_core_(params, grads, kind, lr, weight_decay)
 
 
@@ -187,8 +190,7 @@ def clip_grad_norm_(tensors: Sequence[Tensor], max_norm: float, eps: float = 1e-
     """Scales tensors in place by min(1, max_norm / (‖·‖ + eps)) without a host sync; returns the
     norm before clipping (as torch.nn.utils.clip_grad_norm_ does)."""
     op = "clip_grad_norm_"
-    if not max_norm > 0:
-        raise ValueError(f"{op}: max_norm must be positive, got {max_norm}")
+    check_clip(op, max_norm, eps)
     return clip_grad_norm_core(check_norm(op, tensors), max_norm, eps)
 
 
