@@ -169,6 +169,15 @@ class _Job:
 
 # -- the job ---------------------------------------------------------------------------------------
 
+def _check_resumable(c: TrainConfig, saved: dict, path: str) -> None:
+    """A checkpoint resumes only the run it was written by: same task, algorithm and model shape."""
+    for key in ("task", "algorithm", "ways"):
+        if saved.get(key) != getattr(c, key):
+            raise ValueError(f"train: {path} was written by a run with {key}={saved.get(key)!r}, "
+                             f"but this run has {key}={getattr(c, key)!r}; resume with the same settings "
+                             "or use another --out")
+
+
 def _algo_settings(c: TrainConfig) -> dict:
     s = dict(inner_lr=c.inner_lr, inner_steps=c.inner_steps, eval_steps=c.eval_steps, engine=c.engine,
              hvp=c.hvp, task_batching=c.task_batching, memory_format=c.memory_format,
@@ -211,6 +220,7 @@ def train(config: TrainConfig) -> dict:
     start, elapsed = 0, 0.0
     if c.resume:
         ck = ckpt.load(os.path.join(c.out, ckpt.LATEST))
+        _check_resumable(c, ck["config"], os.path.join(c.out, ckpt.LATEST))
         model.load_state_dict(ck["model"])
         meta.load_state_dict(ck["meta"])
         ckpt.set_rng_state(ck["rng"])

@@ -116,3 +116,22 @@ def test_cli_choices_and_the_old_omniglotnet_path():
     assert actions["engine"].choices == ["auto", *ENGINES]
     assert actions["hvp"].choices == ["auto", *HVP_METHODS]
     assert list(actions["memory_format"].choices) == list(MEMORY_FORMATS)
+
+
+def test_resume_rejects_truncated_foreign_and_mismatched_checkpoints(tmp_path):
+    train(_cfg(tmp_path, "run", iterations=3))
+    path = tmp_path / "run" / "checkpoint.pt"
+    good = path.read_bytes()
+    # a checkpoint written by another algorithm
+    with pytest.raises(ValueError, match=r"written by a run with algorithm='maml', but this run has algorithm='fomaml'"):
+        train(_cfg(tmp_path, "run", iterations=6, resume=True, algorithm="fomaml"))
+    # truncated mid-write (what a non-atomic writer would leave)
+    os.unlink(path)
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="is not a readable checkpoint"):
+        train(_cfg(tmp_path, "run", iterations=6, resume=True))
+    # a file torch can read that pymaml did not write
+    os.unlink(path)
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(ValueError, match="is not a pymaml training checkpoint"):
+        train(_cfg(tmp_path, "run", iterations=6, resume=True))
