@@ -8,7 +8,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # torch guesses CUDA_HOME from the nvcc on PATH, which a wrapper script there can mislead.
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
-PYTEST_ARGS ?= -q
+PYTEST_ARGS ?= -q -m "not slow"
 
 .PHONY: deps install install-test demo test test-compiled test-torch bench
 
