@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import pymaml
 from pymaml.data import Omniglot, OmniglotTasks
-from pymaml.training import OmniglotNet
+from pymaml.models import OmniglotNet
 
 
 def main():
