@@ -90,25 +90,16 @@ def save(folder: str, obj: dict, iteration: int, keep: int = 3) -> Optional[str]
     return path
 
 
-REQUIRED_KEYS = ("config", "iteration", "model", "meta", "rng", "history", "elapsed")
-
-
 def load(path: str) -> dict:
     """The checkpoint at ``path``, read by rank 0 and sent to every rank. Raises on every rank:
-    FileNotFoundError when it does not exist, ValueError when it is not a readable pymaml
-    checkpoint (truncated, corrupt, or written by something else)."""
+    FileNotFoundError when it does not exist, ValueError when torch cannot read it (truncated,
+    corrupt)."""
     ck, error = None, None
     if pdist.rank() == 0 and os.path.exists(path):
         try:
             ck = torch.load(path, weights_only=False, map_location="cpu")
         except Exception as e:  # noqa: BLE001 - any unpickling failure means an unreadable file
             error = f"train: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
-        else:
-            missing = [k for k in REQUIRED_KEYS if not isinstance(ck, dict) or k not in ck]
-            if missing:
-                error = (f"train: {path} is not a pymaml training checkpoint (missing {missing}); "
-                         "it was written by something else")
-                ck = None
     ck, error = pdist.broadcast_object((ck, error))
     if error is not None:
         raise ValueError(error)

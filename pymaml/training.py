@@ -169,8 +169,17 @@ class _Job:
 
 # -- the job ---------------------------------------------------------------------------------------
 
-def _check_resumable(c: TrainConfig, saved: dict, path: str) -> None:
-    """A checkpoint resumes only the run it was written by: same task, algorithm and model shape."""
+_CHECKPOINT_KEYS = ("config", "iteration", "model", "meta", "rng", "history", "elapsed")
+
+
+def _check_resumable(c: TrainConfig, ck, path: str) -> None:
+    """A checkpoint resumes only the run it was written by: a training checkpoint of the same task,
+    algorithm and model shape. Every rank holds the same ``ck``, so every rank raises alike."""
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"train: {path} is not a pymaml training checkpoint (missing {missing}); "
+                         "it was written by something else")
+    saved = ck["config"]
     for key in ("task", "algorithm", "ways"):
         if saved.get(key) != getattr(c, key):
             raise ValueError(f"train: {path} was written by a run with {key}={saved.get(key)!r}, "
@@ -220,7 +229,7 @@ def train(config: TrainConfig) -> dict:
     start, elapsed = 0, 0.0
     if c.resume:
         ck = ckpt.load(os.path.join(c.out, ckpt.LATEST))
-        _check_resumable(c, ck["config"], os.path.join(c.out, ckpt.LATEST))
+        _check_resumable(c, ck, os.path.join(c.out, ckpt.LATEST))
         model.load_state_dict(ck["model"])
         meta.load_state_dict(ck["meta"])
         ckpt.set_rng_state(ck["rng"])

@@ -198,7 +198,7 @@ ENGINE_BAD = {
               r"meta_gradient: steps must be a non-negative int, got -1"),
     "engine": (lambda m, t: meta_gradient(m, t, F.mse_loss, engine="fast"), ValueError,
                r"meta_gradient: engine must be one of"),
-    "adapt_lr_nan": (lambda m, t: adapt(m, t[0].support, F.mse_loss, lr=NAN), ValueError, r"adapt: lr must be finite, got nan"),
+    "adapt_lr_nan": (lambda m, t: adapt(m, t[0].support, F.mse_loss, lr=NAN), ValueError, r"inner_loop: lr must be finite, got nan"),
 }
 
 
