@@ -35,7 +35,10 @@ from . import distributed as _dist
 from . import ops
 from .algorithms import Algorithm, make
 
-__all__ = ["MetaOptimizer"]
+__all__ = ["MetaOptimizer", "NONFINITE"]
+
+#: What :meth:`MetaOptimizer.step` does with a meta-gradient holding NaN or Inf.
+NONFINITE = ("raise", "skip", "allow")
 
 
 class MetaOptimizer:
@@ -55,14 +58,23 @@ class MetaOptimizer:
             ``.grad`` the meta-gradient of the whole meta-batch, and :meth:`step` checks every
             ``check_every`` steps that the parameters are still identical on every rank
             (:class:`pymaml.distributed.ParameterDriftError` otherwise; 0: never).
+        nonfinite: what :meth:`step` does when a meta-gradient holds NaN or Inf: ``"raise"``
+            (default: a ``FloatingPointError`` naming the parameters and the outer step, nothing
+            updated), ``"skip"`` (no outer update, counted in ``skipped_steps``, as
+            ``torch.amp.GradScaler`` skips), or ``"allow"`` (no check). The check is one reduction
+            on the device per outer step and one read of its flag; the inner loop is not checked.
         **settings: the algorithm's settings (``inner_lr``, ``inner_steps``, ``engine``, ...).
     """
 
     def __init__(self, model: nn.Module, outer_optimizer: torch.optim.Optimizer,
                  algorithm: Union[str, Algorithm] = "maml", loss_fn: Optional[Callable] = None, *,
                  max_grad_norm: Optional[float] = None, step_size_lr: Optional[float] = None,
-                 distributed: bool = False, check_every: int = 100, group=None, **settings):
+                 distributed: bool = False, check_every: int = 100, group=None, nonfinite: str = "raise",
+                 **settings):
         _dist.reject_ddp(model, "MetaOptimizer")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"MetaOptimizer: nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        self.nonfinite, self.skipped_steps = nonfinite, 0
         if distributed and not _dist.is_initialized():
             raise RuntimeError("MetaOptimizer(distributed=True): torch.distributed is not initialized; call "
                                "pymaml.distributed.init_from_env() (under torchrun) or "
@@ -165,6 +177,17 @@ class MetaOptimizer:
         """zero_grad, :meth:`backward`, optional clipping, ``outer_optimizer.step()``."""
         self.zero_grad()
         stats = self.backward(tasks)
+        if self.nonfinite != "allow" and self._has_nonfinite_grad():
+            if self.nonfinite == "raise":
+                bad = [n for n, p in self._named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]
+                raise FloatingPointError(
+                    f"MetaOptimizer.step: the meta-gradient of {bad} holds NaN or Inf at outer step "
+                    f"{self.steps_done}; nothing was updated. Pass nonfinite='skip' to skip such steps "
+                    "(counted in skipped_steps) or nonfinite='allow' to apply them")
+            self.skipped_steps += 1
+            self.zero_grad()
+            stats["skipped"] = 1.0
+            return stats
         if self.max_grad_norm is not None:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             stats["grad_norm"] = float(ops.clip_grad_norm_(grads, self.max_grad_norm))
@@ -173,6 +196,18 @@ class MetaOptimizer:
         if self.distributed and self.check_every and self.steps_done % self.check_every == 0:
             self.check_in_sync()
         return stats
+
+    def _named_parameters(self):
+        yield from self.model.named_parameters()
+        for n, p in self.algorithm.named_parameters():
+            yield "algorithm." + n, p
+
+    def _has_nonfinite_grad(self) -> bool:
+        """Whether some ``.grad`` holds NaN or Inf: a flag reduced on the device, read once."""
+        flags = [p.grad.isfinite().all() for p in self.parameters() if p.grad is not None]
+        if not flags:
+            return False
+        return not bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
 
     def check_in_sync(self) -> None:
         """Raises :class:`pymaml.distributed.ParameterDriftError` on every rank when the parameters
