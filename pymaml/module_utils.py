@@ -16,7 +16,7 @@ the clone out channels-last, which is how :class:`pymaml.MAML` keeps a CPU conv 
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,12 +24,13 @@ from torch import Tensor, nn
 __all__ = ["clone_module", "update_module", "detach_module", "swap_parameters"]
 
 
-def _channels_last_clone(p: Tensor) -> Tensor:
-    """``p.clone()``, laid out channels-last when ``p`` is 4-D (explicit NHWC strides, also for one
-    channel, where ``p.contiguous(memory_format=...)`` would keep the NCHW strides)."""
-    if p.dim() == 4:
-        return p.clone(memory_format=torch.channels_last)
-    return p.clone()
+def clone_tensor(t: Tensor, memory_format: str = "preserve") -> Tensor:
+    """``t.clone()``; with ``memory_format="channels_last"`` a 4-D ``t`` is cloned into channels-last
+    strides (explicit NHWC strides also for one channel, where ``t.contiguous(memory_format=...)``
+    would keep the NCHW ones)."""
+    if memory_format == "channels_last" and t.dim() == 4:
+        return t.clone(memory_format=torch.channels_last)
+    return t.clone()
 
 
 def _refresh_rnn(m: nn.Module) -> None:
@@ -52,7 +53,6 @@ def clone_module(module: nn.Module, memory_format: str = "preserve",
     mods = {} if _mods is None else _mods
     if id(module) in mods:  # a submodule registered twice stays one object in the clone
         return mods[id(module)]
-    copy_fn: Callable[[Tensor], Tensor] = _channels_last_clone if memory_format == "channels_last" else Tensor.clone
     clone = module.__new__(type(module))
     clone.__dict__ = module.__dict__.copy()
     clone._parameters = module._parameters.copy()
@@ -63,7 +63,7 @@ def clone_module(module: nn.Module, memory_format: str = "preserve",
         if p is None:
             continue
         if id(p) not in memo:
-            memo[id(p)] = copy_fn(p)
+            memo[id(p)] = clone_tensor(p, memory_format)
         clone._parameters[key] = memo[id(p)]
     for key, b in module._buffers.items():
         if b is not None and b.requires_grad:

@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from . import ops
 from .fast_forward import fast_forward, layout_inputs
-from .functional.layout import MEMORY_FORMATS, is_layout_error
-from .module_utils import clone_module, swap_parameters
+from .functional.layout import MEMORY_FORMATS, is_layout_error, resolve as resolve_layout
+from .module_utils import clone_module, clone_tensor, swap_parameters
 
 __all__ = ["MAML", "MetaSGD"]
 
@@ -55,13 +55,11 @@ class _Shared:
         self.layout_verified = False  # one channels-last forward succeeded
 
     def clone_layout(self, module: nn.Module) -> str:
-        if self.memory_format == "preserve" or self.layout_failed:
+        """The engines' rule (:func:`pymaml.functional.layout.resolve`, one task at a time), unless
+        the model has shown it cannot run channels-last."""
+        if self.layout_failed:
             return "preserve"
-        if self.memory_format == "channels_last":
-            return "channels_last"
-        params = list(module.parameters())
-        conv = any(isinstance(m, nn.Conv2d) for m in module.modules())
-        return "channels_last" if conv and params and all(p.device.type == "cpu" for p in params) else "preserve"
+        return resolve_layout("pymaml.MAML", self.memory_format, module, list(module.parameters()), batched=False)
 
 
 def _bn_buffers(module: nn.Module) -> List[Tensor]:
@@ -103,20 +101,19 @@ class _Learner(nn.Module):
             with torch.no_grad():
                 for b, s in zip(_bn_buffers(self.module), saved):
                     b.copy_(s)
-            self._to_layout("preserve")
+            self._drop_channels_last()
             return self.forward(*args, **kwargs)
         shared.layout_verified = True
         return out
 
-    def _to_layout(self, layout: str) -> None:
-        """Lays the learner's 4-D parameters out in ``layout`` (differentiably)."""
-        if layout == "preserve":
-            # clone(contiguous_format), not .contiguous(): a one-channel weight in NHWC strides
-            # counts as contiguous and would keep them (and the conv its NHWC output)
-            new = {id(p): p.clone(memory_format=torch.contiguous_format) for p in self.module.parameters()
-                   if p.dim() == 4 and p.stride() != torch.empty(p.shape, device="meta").stride()}
-            swap_parameters(self.module, new)
-        self.__dict__["_layout"] = layout
+    def _drop_channels_last(self) -> None:
+        """Lays the learner's 4-D parameters out in NCHW order again (differentiably)."""
+        # clone(contiguous_format), not .contiguous(): a one-channel weight in NHWC strides
+        # counts as contiguous and would keep them (and the conv its NHWC output)
+        new = {id(p): p.clone(memory_format=torch.contiguous_format) for p in self.module.parameters()
+               if p.dim() == 4 and p.stride() != torch.empty(p.shape, device="meta").stride()}
+        swap_parameters(self.module, new)
+        self.__dict__["_layout"] = "preserve"
 
     def _clone_module(self) -> nn.Module:
         layout = self._shared.clone_layout(self.module)
@@ -203,8 +200,7 @@ class MetaSGD(_Learner):
     def clone(self) -> "MetaSGD":
         """A learner with differentiable copies of the parameters and of the step sizes."""
         module, layout = self._clone_module()
-        lrs = [lr.clone(memory_format=torch.channels_last) if layout == "channels_last" and lr.dim() == 4
-               else lr.clone() for lr in self.lrs]
+        lrs = [clone_tensor(lr, layout) for lr in self.lrs]  # laid out as their parameters
         return MetaSGD(module, lrs=lrs, first_order=self.first_order, _shared=self._shared, _layout=layout)
 
     def adapt(self, loss: Tensor, first_order: Optional[bool] = None) -> None:

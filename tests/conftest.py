@@ -37,3 +37,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def float64_one_thread():
+    """float64 throughout; one intra-op thread, because these tiny models gain nothing from more and
+    on a busy 2-core machine spinning thread pools make each op ~100× slower. Use with
+    ``pytestmark = pytest.mark.usefixtures("float64_one_thread")``."""
+    old, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    yield
+    torch.set_default_dtype(old)
+    torch.set_num_threads(threads)

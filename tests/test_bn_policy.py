@@ -40,14 +40,7 @@ def path(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(autouse=True)
-def float64_one_thread():
-    old, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(old)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 def flat(grads):

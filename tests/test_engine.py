@@ -42,16 +42,7 @@ def backend(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(autouse=True)
-def float64_one_thread():
-    """float64 throughout; one intra-op thread, because these tiny models gain nothing from more and
-    on a busy 2-core machine spinning thread pools make each op ~100× slower."""
-    old, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(old)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 # ----------------------------------------------------------------------------------------- helpers
