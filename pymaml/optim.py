@@ -59,21 +59,36 @@ class MetaOptimizer:
             ``check_every`` steps that the parameters are still identical on every rank
             (:class:`pymaml.distributed.ParameterDriftError` otherwise; 0: never).
         nonfinite: what :meth:`step` does when a meta-gradient holds NaN or Inf: ``"raise"``
-            (default: a ``FloatingPointError`` naming the parameters and the outer step, nothing
-            updated), ``"skip"`` (no outer update, counted in ``skipped_steps``, as
-            ``torch.amp.GradScaler`` skips), or ``"allow"`` (no check). The check is one reduction
-            on the device per outer step and one read of its flag; the inner loop is not checked.
+            (default without a scaler: a ``FloatingPointError`` naming the parameters and the outer
+            step, nothing updated), ``"skip"`` (default with a scaler: no outer update, counted in
+            ``skipped_steps``, as ``torch.amp.GradScaler`` skips), or ``"allow"`` (no check; not
+            with a scaler, which always skips). The check is one reduction on the device per outer
+            step and one read of its flag; the inner loop is not checked.
+        scaler: a ``torch.amp.GradScaler`` for float16 autocast. :meth:`backward` multiplies the
+            query losses by the scaler's scale before differentiating (the support losses, and so
+            the inner loop, are not scaled), :meth:`step` unscales the gradients once
+            (``scaler.unscale_``), clips, steps through ``scaler.step`` (which skips the step when
+            a gradient is not finite) and calls ``scaler.update()``. The scaler's state is part of
+            :meth:`state_dict`.
         **settings: the algorithm's settings (``inner_lr``, ``inner_steps``, ``engine``, ...).
     """
 
     def __init__(self, model: nn.Module, outer_optimizer: torch.optim.Optimizer,
                  algorithm: Union[str, Algorithm] = "maml", loss_fn: Optional[Callable] = None, *,
                  max_grad_norm: Optional[float] = None, step_size_lr: Optional[float] = None,
-                 distributed: bool = False, check_every: int = 100, group=None, nonfinite: str = "raise",
-                 **settings):
+                 distributed: bool = False, check_every: int = 100, group=None, nonfinite: Optional[str] = None,
+                 scaler: Optional["torch.amp.GradScaler"] = None, **settings):
         _dist.reject_ddp(model, "MetaOptimizer")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"MetaOptimizer: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        if nonfinite is None:
+            nonfinite = "skip" if self.scaler is not None else "raise"
         if nonfinite not in NONFINITE:
             raise ValueError(f"MetaOptimizer: nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if nonfinite == "allow" and self.scaler is not None:
+            raise ValueError("MetaOptimizer: nonfinite='allow' cannot be honoured with a GradScaler, which skips "
+                             "every step whose gradients are not finite; use 'skip' or 'raise'")
         self.nonfinite, self.skipped_steps = nonfinite, 0
         if distributed and not _dist.is_initialized():
             raise RuntimeError("MetaOptimizer(distributed=True): torch.distributed is not initialized; call "
@@ -135,7 +150,7 @@ class MetaOptimizer:
         the gradient and the statistics are those of the whole meta-batch."""
         if self.distributed:
             return self._distributed_backward(tasks)
-        res = self.algorithm.meta_gradient(tasks)
+        res = self._meta_gradient(tasks)
         own = dict(self.algorithm.named_parameters())
         for name, p in self.model.named_parameters():
             g = res.grads.get(name)
@@ -150,13 +165,21 @@ class MetaOptimizer:
             stats["accuracy"] = acc
         return stats
 
+    def _meta_gradient(self, tasks):
+        """The algorithm's meta-gradient; with a scaler, of the query losses times its scale."""
+        if self.scaler is None:
+            return self.algorithm.meta_gradient(tasks)
+        dev = next(iter(self.parameters())).device
+        self.scaler.scale(torch.zeros((), device=dev))  # the scaler's own (lazy) set-up on the device
+        return self.algorithm.meta_gradient(tasks, loss_scale=self.scaler.get_scale())
+
     def _distributed_backward(self, tasks) -> Dict[str, float]:
         n = task_count(tasks)
         named = [(n_, p) for n_, p in self.model.named_parameters() if p.requires_grad]
         named += [("algorithm." + n_, p) for n_, p in self.algorithm.named_parameters()]
         grads, stats, acc = {}, [0.0, 0.0, 0.0], None
         if n > 0:
-            res = self.algorithm.meta_gradient(tasks)
+            res = self._meta_gradient(tasks)
             grads = dict(res.grads)
             grads.update({"algorithm." + k: g for k, g in res.extra_grads.items()})
             acc = query_accuracy(tasks, res.query_outputs)
@@ -177,6 +200,8 @@ class MetaOptimizer:
         """zero_grad, :meth:`backward`, optional clipping, ``outer_optimizer.step()``."""
         self.zero_grad()
         stats = self.backward(tasks)
+        if self.scaler is not None:
+            return self._scaled_step(stats)
         if self.nonfinite != "allow" and self._has_nonfinite_grad():
             if self.nonfinite == "raise":
                 bad = [n for n, p in self._named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]
@@ -192,6 +217,34 @@ class MetaOptimizer:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             stats["grad_norm"] = float(ops.clip_grad_norm_(grads, self.max_grad_norm))
         self.optimizer.step()
+        self.steps_done += 1
+        if self.distributed and self.check_every and self.steps_done % self.check_every == 0:
+            self.check_in_sync()
+        return stats
+
+    def _scaled_step(self, stats: Dict[str, float]) -> Dict[str, float]:
+        """unscale_, clip, ``scaler.step`` (skipped on non-finite gradients), ``scaler.update``."""
+        scaler, scale = self.scaler, self.scaler.get_scale()
+        scaler.unscale_(self.optimizer)
+        if self.max_grad_norm is not None:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            stats["grad_norm"] = float(ops.clip_grad_norm_(grads, self.max_grad_norm))
+        bad = None
+        if self.nonfinite == "raise" and self._has_nonfinite_grad():
+            bad = [n for n, p in self._named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]
+        scaler.step(self.optimizer)
+        scaler.update()
+        stats["loss_scale"] = scale
+        if scaler.get_scale() < scale:  # the scaler backs off exactly when it skipped the step
+            if bad is not None:
+                raise FloatingPointError(
+                    f"MetaOptimizer.step: the meta-gradient of {bad} holds NaN or Inf at outer step "
+                    f"{self.steps_done} (loss scale {scale:g}); nothing was updated. With a GradScaler "
+                    "pass nonfinite='skip' (the default) to skip such steps and lower the scale")
+            self.skipped_steps += 1
+            self.zero_grad()
+            stats["skipped"] = 1.0
+            return stats
         self.steps_done += 1
         if self.distributed and self.check_every and self.steps_done % self.check_every == 0:
             self.check_in_sync()
@@ -216,11 +269,16 @@ class MetaOptimizer:
             _dist.check_in_sync(list(self.parameters()), group=self.group)
 
     def state_dict(self) -> dict:
-        return {"algorithm": self.algorithm.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {"algorithm": self.algorithm.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.algorithm.load_state_dict(state["algorithm"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def task_count(tasks) -> int:
