@@ -323,8 +323,8 @@ def _threads_section(results, impls, orders, workloads) -> List[str]:
     if len(counts) < 2:
         return []
     out = [f"## Torch threads: {', '.join(threads_label(t) for t in counts)}\n",
-           "Every point ran at each thread count, one after the other. Wall-clock ms per meta-step (the "
-           "CPU time of all the worker's threads in brackets; fastest in bold); gain = the time at "
+           "Wall-clock ms per meta-step at each torch thread count (the CPU time of all the worker's "
+           "threads in brackets; fastest in bold); gain = the time at "
            f"{threads_label(counts[0])} / the time at the other count; pymaml's lead = the fastest other "
            "implementation's time / pymaml's best exact time at the same count. All by wall time, "
            "since CPU time adds up the threads. More threads pay only where cores are free: on a "
@@ -403,7 +403,7 @@ def _threads_phrase(results) -> str:
 
 def notes_fragment(results, workloads, out_dir) -> str:
     m = results["machine"]
-    return "\n".join([
+    return "\n".join(part for part in [
         f"### Side by side with learn2learn, higher, TorchOpt, a plain loop and torch.func ({m['device']})\n",
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, shared; load {m['load_avg_start']}), "
         f"torch {m['torch']}, " + ", ".join(f"{k} {x}" for k, x in m.get("versions", {}).items()) + ".\n",
@@ -414,8 +414,16 @@ def notes_fragment(results, workloads, out_dir) -> str:
            if m.get("merged_from") else ""),
         headline(results, workloads, "second"),
         headline(results, workloads, "first"),
-        threads_summary(results, workloads, "second"),
-        f"Full tables, agreement check and plots: `{_rel(out_dir)}/side_by_side.md`.\n"])
+        _threads_caption(results) + threads_summary(results, workloads, "second"),
+        f"Full tables, agreement check and plots: `{_rel(out_dir)}/side_by_side.md`.\n"] if part)
+
+
+def _threads_caption(results) -> str:
+    counts = normalize_threads(results)
+    if len(counts) < 2:
+        return ""
+    return (f"At {', '.join(threads_label(t) for t in counts)} per worker, by wall time (lead: fastest other / "
+            f"pymaml's best at the same count; gain: time at {threads_label(counts[0])} / time at more):\n\n")
 
 
 def _clean(cmd: str) -> str:
