@@ -307,8 +307,8 @@ def threads_summary(results, workloads, order="second") -> str:
                                   for who in ("pymaml's best", "fastest other")) + " |",
              "|---|" + "---:|" * (len(counts) + 2 * (len(counts) - 1))]
     for w in workloads:
-        best = {t: (_best(_points(results, order, w, threads=t), True, time=_wall),
-                    _best(_points(results, order, w, threads=t), False, time=_wall)) for t in counts}
+        pts = {t: _points(results, order, w, threads=t) for t in counts}
+        best = {t: (_best(pts[t], True, time=_wall), _best(pts[t], False, time=_wall)) for t in counts}
         if not any(b for pair in best.values() for b in pair):
             continue
         cells = [_x(_ratio(best[t][1], best[t][0])) for t in counts]

@@ -72,10 +72,11 @@ DEFAULT_SKIP = ("long-horizon:pymaml:recompute/jvp,long-horizon:pymaml[torch]:re
 # =============================================================================================
 # Importing torch and the peers takes 5-15 s on this shared 2-core machine, longer than most
 # points, so each (backend, thread count) gets one server process, started when its first point
-# runs, that imports everything once and then FORKS a
-# fresh child per point. The child is a new process with its own memory accounting; its baseline
-# is taken just before its first meta-step, as for a freshly started interpreter. Nothing has run
-# an OpenMP region or touched CUDA in the server (checked), so the children start clean.
+# runs, that imports everything once and then FORKS a fresh child per point. The child is a new
+# process with its own memory accounting; its baseline is taken just before its first meta-step,
+# as for a freshly started interpreter. Nothing has run an OpenMP region or touched CUDA in the
+# server (checked), so the children start clean: a child's OpenMP pool, of the server's thread
+# count, starts with its first parallel region.
 
 def _do(spec: Dict) -> Dict:
     """Runs in the forked child."""
@@ -232,7 +233,7 @@ def _backend_env(impl: str) -> Optional[str]:
 # =============================================================================================
 def parse_threads(spec: str, device: str) -> List[int]:
     """``--threads``: one count or a comma list (``all`` = os.cpu_count(), 0 = torch's default);
-    empty (or a lone negative count, as before) gives the device's default: 1 on the CPU, 0 on a GPU."""
+    empty, or a single negative count, gives the device's default: 1 on the CPU, 0 on a GPU."""
     toks = [t.strip() for t in str(spec).split(",") if t.strip()]
     if not toks or (len(toks) == 1 and toks[0].lstrip("-").isdigit() and int(toks[0]) < 0):
         return [0 if device.startswith("cuda") else 1]
