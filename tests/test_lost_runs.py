@@ -53,6 +53,7 @@ NUMBERED = re.compile(r"checkpoint-(\d+)\.pt$")
 #: what may differ between two runs of one job: wall-clock times, the output folder and the
 #: restart's own flags
 VARIABLE = {"elapsed", "out", "resume", "keep_checkpoints"}
+TORN = "torch.save half-written"
 COMMON = ["--no-progress", "--no-plots", "--threads", "1", "--checkpoint-every", "1"]
 SINUSOID = ["train", "sinusoid", "--algorithm", "mamlpp", "--inner-steps", "2", "--first-order-iterations", "6",
             "--msl-iterations", "10", "--iterations", "16", "--meta-batch", "4", "--eval-every", "5",
@@ -64,20 +65,21 @@ OMNIGLOT = ["train", "omniglot", "--data", DATA, "--algorithm", "metasgd", "--it
 # -- in the killed process ---------------------------------------------------------------------------
 
 class _Tripwire:
-    """Numbers the checkpoint code's file-system calls (and logs them to a file, so the test knows
-    where a process died); sends this process SIGKILL at number ``kill_at``."""
+    """Logs the checkpoint code's file-system calls to a file (so that the test knows where a
+    process died) and sends this process SIGKILL at the ``n``-th one labelled ``label`` (None: any)."""
 
     def __init__(self, log_fd: int, kill_at):
-        self.fd, self.kill_at, self.n = log_fd, kill_at, 0
+        self.fd, (self.label, self.n) = log_fd, kill_at or (None, 0)
 
     def mark(self, label: str) -> None:
         os.write(self.fd, f"{label}\n".encode())
 
     def event(self, label: str) -> None:
-        self.n += 1
         self.mark(label)
-        if self.n == self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.label in (None, label):
+            self.n -= 1
+            if self.n == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Watched:
@@ -114,7 +116,7 @@ def _instrument(trip: _Tripwire, algo_settings: dict) -> None:
         data = buf.getbuffer()
         f.write(data[:len(data) // 2])
         f.flush()
-        trip.event("torch.save half-written")  # a kill here leaves a torn temporary file
+        trip.event(TORN)  # a kill here leaves a torn temporary file
         f.write(data[len(data) // 2:])
 
     def save(*args, **kwargs):
@@ -216,7 +218,7 @@ class _Forker:
         return int(rc)
 
     def close(self):
-        self.proc.stdin.close()
+        self.proc.kill()  # no job runs now; an orderly exit of torch would only take seconds
         self.proc.wait(timeout=60)
 
 
@@ -323,8 +325,11 @@ def kill_and_resume(forker, tmp_path, argv, iterations, kills, seed, algo_settin
                    events=str(events))
         kill_after = None
         if sum(where.values()) < kills:
-            if rng.random() < 0.75:
-                req["kill_at"] = rng.randint(1, 2 * per_write)
+            u = rng.random()
+            if u < 0.55:  # at any call of the next two checkpoint writes
+                req["kill_at"] = (None, rng.randint(1, 2 * per_write))
+            elif u < 0.75:  # half-way through the bytes of the first or second
+                req["kill_at"] = (TORN, rng.randint(1, 2))
             else:
                 kill_after = rng.uniform(0.0, 3.0 * per_iteration)
         rc = forker.run(req, kill_after=kill_after)
