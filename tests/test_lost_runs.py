@@ -47,6 +47,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the jobs are forked from a helper process")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "omniglot"))
 HAVE_OMNIGLOT = os.path.exists(os.path.join(DATA, "images_evaluation.zip"))
@@ -114,7 +116,8 @@ def _instrument(trip: _Tripwire, algo_settings: dict, hard_links: bool) -> None:
     import pymaml.checkpoint as ckpt
     from pymaml import optim, training
 
-    real_torch_save, real_save, real_step, real_train = torch.save, ckpt.save, optim.MetaOptimizer.step, training.train
+    real_torch_save, real_save, real_train = torch.save, ckpt.save, training.train
+    real_step, real_evaluate = optim.MetaOptimizer.step, training._Job.evaluate
 
     def in_halves(f, data, what):  # a kill between them leaves a torn temporary file
         f.write(data[:len(data) // 2])
@@ -139,10 +142,15 @@ def _instrument(trip: _Tripwire, algo_settings: dict, hard_links: bool) -> None:
         return out
 
     def step(self, tasks):
+        trip.mark("meta-step")
         torch.rand(1)  # as dropout or data augmentation would
         np.random.random()
         random.random()
         return real_step(self, tasks)
+
+    def evaluate(*args, **kwargs):
+        trip.mark("evaluation")
+        return real_evaluate(*args, **kwargs)
 
     def train(config):  # the command line has no flag for the BatchNorm policy
         config.algo_settings.update(algo_settings)
@@ -153,6 +161,7 @@ def _instrument(trip: _Tripwire, algo_settings: dict, hard_links: bool) -> None:
     ckpt.torch = _Watched(torch, (), trip, {"save": torch_save})
     ckpt.save = save
     optim.MetaOptimizer.step = step
+    training._Job.evaluate = evaluate
     training.train = train
 
 
@@ -308,13 +317,17 @@ def _summary_results(out):
             "iterations": s["iterations"]}
 
 
+_PHASES = {None: "start-up or resumption", "meta-step": "a meta-step", "evaluation": "an evaluation or the final test",
+           "checkpoint ends": "after a checkpoint (next step, final test or summary)"}
+
+
 def _where(events_path) -> str:
-    """Where a killed job died: the last checkpoint call it made, or outside checkpoint writes."""
+    """Where a killed job died: the last checkpoint call it made, or what it was doing besides."""
     lines = open(events_path).read().split("\n")[:-1] if os.path.exists(events_path) else []
     opened = [i for i, line in enumerate(lines) if line == "checkpoint begins"]
     if not opened or "checkpoint ends" in lines[opened[-1]:]:
-        return "outside a checkpoint write"
-    return f"mid-write, {lines[-1]}" if lines[-1] != "checkpoint begins" else "mid-write, before torch.save"
+        return "outside a checkpoint write: " + _PHASES[lines[-1] if lines else None]
+    return f"mid-write, {lines[-1]}" if lines[-1] != "checkpoint begins" else "mid-write, before its first call"
 
 
 def kill_and_resume(forker, tmp_path, argv, iterations, kills, seed, keep, algo_settings=None, hard_links=True):
@@ -408,3 +421,13 @@ def test_sinusoid_job_killed_a_hundred_times_resumes_bit_identically(forker, tmp
     _, _, where = kill_and_resume(forker, tmp_path, argv, iterations=60, kills=100, seed=seed, keep=1 + seed % 2,
                                   hard_links=seed != 2)
     assert sum(where.values()) >= 40, where
+
+
+def test_a_save_removes_what_killed_writes_left_and_nothing_else(tmp_path):
+    from pymaml import checkpoint as ckpt
+    stale = [".checkpoint-00000007.pt.4242.tmp", ".checkpoint.pt.4242.tmp", f".checkpoint-00000008.pt.{os.getpid()}.tmp"]
+    kept = ["notes.tmp", ".checkpoint.pt.tmp", "checkpoint.pt.4242.tmp", ".checkpoint-7.pt.x.tmp", "checkpoint-00000003.pt"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"partial")
+    ckpt.save(str(tmp_path), {"iteration": 8}, 8, keep=2)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["checkpoint-00000008.pt", "checkpoint.pt"])
