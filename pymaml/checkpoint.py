@@ -5,6 +5,8 @@
 ``OUT/checkpoint.pt`` at it the same way (a hard link where the file system has them, else a copy)
 and removes all but the newest ``keep`` numbered files. A process killed at any moment therefore
 leaves ``checkpoint.pt`` either the previous complete checkpoint or the new one, never a torn file.
+What a killed write leaves besides (a hidden ``.checkpoint…tmp`` file, numbered files beyond
+``keep``) is never read, and the next :func:`save` in that folder removes it.
 
 In data-parallel training only rank 0 writes; :func:`load` reads on rank 0 and broadcasts the
 contents, so ranks need no shared file system and a run resumes on any number of ranks (a
@@ -29,6 +31,7 @@ __all__ = ["save", "load", "save_atomic", "rng_state", "set_rng_state", "LATEST"
 
 LATEST = "checkpoint.pt"
 _NUMBERED = re.compile(r"checkpoint-(\d+)\.pt$")
+_TEMPORARY = re.compile(r"\.checkpoint(-\d+)?\.pt\.\d+\.tmp$")  # the names save_atomic and _point_latest use
 
 
 def _fsync_dir(folder: str) -> None:
@@ -74,6 +77,17 @@ def _point_latest(folder: str, target: str) -> None:
     _fsync_dir(folder)
 
 
+def _remove_temporaries(folder: str) -> None:
+    """Removes the temporary files of writes that were killed (a SIGKILL runs no clean-up). One
+    process writes a folder's checkpoints, so before it starts a write, every one there is stale."""
+    for name in os.listdir(folder):
+        if _TEMPORARY.fullmatch(name):
+            try:
+                os.remove(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
+
+
 def save(folder: str, obj: dict, iteration: int, keep: int = 3) -> Optional[str]:
     """Writes checkpoint ``iteration`` on rank 0 (a no-op elsewhere); returns its path there."""
     if pdist.rank() != 0:
@@ -81,6 +95,7 @@ def save(folder: str, obj: dict, iteration: int, keep: int = 3) -> Optional[str]
     if keep < 1:
         raise ValueError(f"checkpoint.save: keep must be >= 1, got {keep}")
     os.makedirs(folder, exist_ok=True)
+    _remove_temporaries(folder)
     path = os.path.join(folder, f"checkpoint-{iteration:08d}.pt")
     save_atomic(path, obj)
     _point_latest(folder, path)

@@ -269,7 +269,11 @@ class MetaOptimizer:
             _dist.check_in_sync(list(self.parameters()), group=self.group)
 
     def state_dict(self) -> dict:
-        state = {"algorithm": self.algorithm.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """The algorithm's state (learned step sizes, iteration counter), the outer optimizer's,
+        the outer-step counters (``steps_done``, ``skipped_steps``) and the scaler's, if any, for
+        exact resumption."""
+        state = {"algorithm": self.algorithm.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "steps_done": self.steps_done, "skipped_steps": self.skipped_steps}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
@@ -277,6 +281,8 @@ class MetaOptimizer:
     def load_state_dict(self, state: dict) -> None:
         self.algorithm.load_state_dict(state["algorithm"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # states saved without the counters resume them from 0
+        self.steps_done, self.skipped_steps = int(state.get("steps_done", 0)), int(state.get("skipped_steps", 0))
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
