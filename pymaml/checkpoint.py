@@ -27,11 +27,12 @@ import torch
 
 from . import distributed as pdist
 
-__all__ = ["save", "load", "save_atomic", "rng_state", "set_rng_state", "LATEST"]
+__all__ = ["save", "load", "save_atomic", "write_text_atomic", "latest", "rng_state", "set_rng_state", "LATEST"]
 
 LATEST = "checkpoint.pt"
 _NUMBERED = re.compile(r"checkpoint-(\d+)\.pt$")
-_TEMPORARY = re.compile(r"\.checkpoint(-\d+)?\.pt\.\d+\.tmp$")  # the names save_atomic and _point_latest use
+# the names save_atomic, _point_latest and write_text_atomic use for checkpoints and summaries
+_TEMPORARY = re.compile(r"\.(checkpoint(-\d+)?\.pt|summary\.(json|md))\.\d+\.tmp$")
 
 
 def _fsync_dir(folder: str) -> None:
@@ -61,6 +62,32 @@ def save_atomic(path: str, obj) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_dir(folder)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a reader (or a killed writer) never leaves a partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def latest(folder: str) -> str:
+    """The checkpoint a resumed run starts from: ``checkpoint.pt``, or, when a run was killed before
+    it first pointed ``checkpoint.pt`` at a complete checkpoint, the newest ``checkpoint-N.pt``.
+    Returns the ``checkpoint.pt`` path when there is none at all (loading it then says so)."""
+    path = os.path.join(folder, LATEST)
+    if os.path.exists(path):
+        return path
+    numbered = sorted(p for p in glob.glob(os.path.join(folder, "checkpoint-*.pt")) if _NUMBERED.search(p))
+    return numbered[-1] if numbered else path
 
 
 def _point_latest(folder: str, target: str) -> None:

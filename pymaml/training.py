@@ -228,8 +228,9 @@ def train(config: TrainConfig) -> dict:
     hist = {"iteration": [], "query_loss": [], "accuracy": [], "eval": []}
     start, elapsed = 0, 0.0
     if c.resume:
-        ck = ckpt.load(os.path.join(c.out, ckpt.LATEST))
-        _check_resumable(c, ck, os.path.join(c.out, ckpt.LATEST))
+        path = ckpt.latest(c.out)
+        ck = ckpt.load(path)
+        _check_resumable(c, ck, path)
         model.load_state_dict(ck["model"])
         meta.load_state_dict(ck["meta"])
         ckpt.set_rng_state(ck["rng"])
@@ -322,10 +323,8 @@ def train(config: TrainConfig) -> dict:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "processes": world,
         "config": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("progress", "plots")},
     }
-    with open(os.path.join(c.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
-    with open(os.path.join(c.out, "summary.md"), "w") as f:
-        f.write(format_summary(summary) + "\n")
+    ckpt.write_text_atomic(os.path.join(c.out, "summary.json"), json.dumps(summary, indent=2, default=str))
+    ckpt.write_text_atomic(os.path.join(c.out, "summary.md"), format_summary(summary) + "\n")
     return summary
 
 

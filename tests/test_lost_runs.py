@@ -52,7 +52,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the jobs are fo
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "omniglot"))
 HAVE_OMNIGLOT = os.path.exists(os.path.join(DATA, "images_evaluation.zip"))
-TEMPORARY = re.compile(r"\.checkpoint(-\d+)?\.pt\.\d+\.tmp$")
+TEMPORARY = re.compile(r"\.(checkpoint(-\d+)?\.pt|summary\.(json|md))\.\d+\.tmp$")
 NUMBERED = re.compile(r"checkpoint-(\d+)\.pt$")
 #: what may differ between two runs of one job: wall-clock times, the output folder and the
 #: restart's own flags
@@ -117,6 +117,7 @@ def _instrument(trip: _Tripwire, algo_settings: dict, hard_links: bool) -> None:
     from pymaml import optim, training
 
     real_torch_save, real_save, real_train = torch.save, ckpt.save, training.train
+    real_write_text = ckpt.write_text_atomic
     real_step, real_evaluate = optim.MetaOptimizer.step, training._Job.evaluate
 
     def in_halves(f, data, what):  # a kill between them leaves a torn temporary file
@@ -141,6 +142,11 @@ def _instrument(trip: _Tripwire, algo_settings: dict, hard_links: bool) -> None:
         trip.mark("checkpoint ends")
         return out
 
+    def write_text(*args, **kwargs):
+        trip.mark("summary begins")
+        real_write_text(*args, **kwargs)
+        trip.mark("summary ends")
+
     def step(self, tasks):
         trip.mark("meta-step")
         torch.rand(1)  # as dropout or data augmentation would
@@ -160,6 +166,7 @@ def _instrument(trip: _Tripwire, algo_settings: dict, hard_links: bool) -> None:
     ckpt.shutil = _Watched(shutil, ("copyfile",), trip, {"copyfile": copyfile})
     ckpt.torch = _Watched(torch, (), trip, {"save": torch_save})
     ckpt.save = save
+    ckpt.write_text_atomic = write_text
     optim.MetaOptimizer.step = step
     training._Job.evaluate = evaluate
     training.train = train
@@ -318,16 +325,18 @@ def _summary_results(out):
 
 
 _PHASES = {None: "start-up or resumption", "meta-step": "a meta-step", "evaluation": "an evaluation or the final test",
-           "checkpoint ends": "after a checkpoint (next step, final test or summary)"}
+           "checkpoint ends": "after a checkpoint (next step, final test or summary)",
+           "summary ends": "after a summary file"}
 
 
 def _where(events_path) -> str:
     """Where a killed job died: the last checkpoint call it made, or what it was doing besides."""
     lines = open(events_path).read().split("\n")[:-1] if os.path.exists(events_path) else []
-    opened = [i for i, line in enumerate(lines) if line == "checkpoint begins"]
-    if not opened or "checkpoint ends" in lines[opened[-1]:]:
+    opened = [i for i, line in enumerate(lines) if line in ("checkpoint begins", "summary begins")]
+    if not opened or lines[opened[-1]].replace("begins", "ends") in lines[opened[-1]:]:
         return "outside a checkpoint write: " + _PHASES[lines[-1] if lines else None]
-    return f"mid-write, {lines[-1]}" if lines[-1] != "checkpoint begins" else "mid-write, before its first call"
+    what = "" if lines[opened[-1]] == "checkpoint begins" else " of a summary"
+    return f"mid-write{what}, {lines[-1]}" if lines[-1] != lines[opened[-1]] else f"mid-write{what}, before its first call"
 
 
 def kill_and_resume(forker, tmp_path, argv, iterations, kills, seed, keep, algo_settings=None, hard_links=True):
@@ -345,13 +354,21 @@ def kill_and_resume(forker, tmp_path, argv, iterations, kills, seed, keep, algo_
     reference = {it: _load(ref_out / f"checkpoint-{it:08d}.pt") for it in range(1, iterations + 1)}
     ref_events = open(tmp_path / "uninterrupted.events").read().split("\n")
     # calls per checkpoint write here, plus the removal of the oldest one that keeping fewer adds
-    per_write = (len(ref_events) - 1 - 2 * iterations) // iterations + 2
+    calls, block = 0, None
+    for line in ref_events:
+        if line.endswith((" begins", " ends")):
+            block = line if line == "checkpoint begins" else None
+        elif block is not None:
+            calls += 1
+    per_write = calls // iterations + 2
 
     rng = random.Random(seed)
     out, latest, where, attempts = tmp_path / "killed", 0, Counter(), 0
     while True:
         attempts += 1
-        resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
+        # --resume starts from checkpoint.pt, or from the newest numbered one a kill left uncurrent
+        resume = ["--resume"] if out.exists() and any(NUMBERED.fullmatch(n) or n == "checkpoint.pt"
+                                                      for n in os.listdir(out)) else []
         log, events = tmp_path / f"attempt{attempts}.log", tmp_path / f"attempt{attempts}.events"
         req = dict(job, argv=argv + ["--out", str(out), "--keep-checkpoints", str(keep), *resume], log=str(log),
                    events=str(events))
@@ -425,9 +442,23 @@ def test_sinusoid_job_killed_a_hundred_times_resumes_bit_identically(forker, tmp
 
 def test_a_save_removes_what_killed_writes_left_and_nothing_else(tmp_path):
     from pymaml import checkpoint as ckpt
-    stale = [".checkpoint-00000007.pt.4242.tmp", ".checkpoint.pt.4242.tmp", f".checkpoint-00000008.pt.{os.getpid()}.tmp"]
-    kept = ["notes.tmp", ".checkpoint.pt.tmp", "checkpoint.pt.4242.tmp", ".checkpoint-7.pt.x.tmp", "checkpoint-00000003.pt"]
+    stale = [".checkpoint-00000007.pt.4242.tmp", ".checkpoint.pt.4242.tmp", f".checkpoint-00000008.pt.{os.getpid()}.tmp",
+             ".summary.json.4242.tmp", ".summary.md.4242.tmp"]
+    kept = ["notes.tmp", ".checkpoint.pt.tmp", "checkpoint.pt.4242.tmp", ".checkpoint-7.pt.x.tmp", "checkpoint-00000003.pt",
+            "summary.json.4242.tmp", ".summary.txt.4242.tmp"]
     for name in stale + kept:
         (tmp_path / name).write_bytes(b"partial")
     ckpt.save(str(tmp_path), {"iteration": 8}, 8, keep=2)
     assert sorted(os.listdir(tmp_path)) == sorted(kept + ["checkpoint-00000008.pt", "checkpoint.pt"])
+
+
+def test_resume_starts_from_the_newest_numbered_checkpoint_when_checkpoint_pt_is_missing(tmp_path):
+    """A run killed after its first checkpoint-N.pt was complete but before checkpoint.pt pointed at
+    it resumes from checkpoint-N.pt; with checkpoint.pt present, that one is used."""
+    from pymaml import checkpoint as ckpt
+    assert ckpt.latest(str(tmp_path)) == str(tmp_path / "checkpoint.pt")  # nothing: loading it says so
+    for it in (2, 10):
+        ckpt.save_atomic(str(tmp_path / f"checkpoint-{it:08d}.pt"), {"iteration": it})
+    assert ckpt.latest(str(tmp_path)) == str(tmp_path / "checkpoint-00000010.pt")
+    ckpt.save_atomic(str(tmp_path / "checkpoint.pt"), {"iteration": 2})
+    assert ckpt.latest(str(tmp_path)) == str(tmp_path / "checkpoint.pt")
