@@ -48,13 +48,14 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def save_atomic(path: str, obj) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
+def _write_atomic(path: str, mode: str, write) -> None:
+    """``write(f)`` into a temporary file beside ``path``, flushed and fsync-ed, then renamed over
+    ``path``: a reader, or a writer killed at any point, never leaves a partial file at ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -64,19 +65,14 @@ def save_atomic(path: str, obj) -> None:
     _fsync_dir(folder)
 
 
+def save_atomic(path: str, obj) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
+    _write_atomic(path, "wb", lambda f: torch.save(obj, f))
+
+
 def write_text_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` so that a reader (or a killed writer) never leaves a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Writes ``text`` to ``path`` so that a reader (or a killed writer) never sees a partial file."""
+    _write_atomic(path, "w", lambda f: f.write(text))
 
 
 def latest(folder: str) -> str:
