@@ -147,11 +147,12 @@ def sgd_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
             check_no_grad(op, params)
             flr, lrs = lr_k
             try:
+                flag = {} if found_inf is None else {"found_inf": found_inf}
                 with below_autograd():
                     if lrs is None:
-                        _K_UPDATE_(params, grads, flr, wd, found_inf=found_inf)
+                        _K_UPDATE_(params, grads, flr, wd, **flag)
                     else:
-                        _K_UPDATE_LRS_(params, grads, lrs, wd, found_inf=found_inf)
+                        _K_UPDATE_LRS_(params, grads, lrs, wd, **flag)
                 return None
             except Exception:
                 check_update(op, params, grads, lr)  # an invalid call: the reference's message
