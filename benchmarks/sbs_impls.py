@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import copy
 import importlib
-import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch.func import functional_call
@@ -194,7 +193,6 @@ def _higher(model, loss_fn, steps, lr, order):
     import higher
     so = order == "second"
     inner_opt = torch.optim.SGD(model.parameters(), lr=lr)
-    params = list(model.parameters())
 
     def fn(tasks):
         xs, ys, xq, yq = tasks

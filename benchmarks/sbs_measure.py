@@ -166,7 +166,8 @@ def time_point(workload: str, impl: str, order: str, steps=None, device="cpu", w
     extra = {"backend": sbs_impls.pymaml_backend()} if sbs_impls.is_pymaml(impl) else {}
     return {"status": "ok", "median_s": statistics.median(times), "times_s": times,
             "cpu_median_s": None if cuda else statistics.median(cpu_times), "cpu_times_s": cpu_times,
-            "peak_bytes": peak, "memory_method": mem.method, "warmup": warmup, **extra}
+            "peak_bytes": peak, "memory_method": mem.method, "warmup": warmup,
+            "torch_threads": torch.get_num_threads(), **extra}
 
 
 # ---- agreement check --------------------------------------------------------------------------

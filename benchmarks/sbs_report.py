@@ -1,4 +1,8 @@
-"""Markdown tables and PNG plots of a side-by-side run (the dict side_by_side.py saves as json)."""
+"""Markdown tables and PNG plots of a side-by-side run (the dict side_by_side.py saves as json).
+
+Every point carries the torch thread count it ran with (``threads``); the run's counts are
+``settings.thread_counts``, and all tables and plots except the "threads" tables are for the first.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,9 +19,32 @@ def _is_pymaml(name: str) -> bool:
     return name.startswith("pymaml")
 
 
-def _points(results, order, workload=None, sweep=False):
+def normalize_threads(results) -> List[int]:
+    """The run's torch thread counts, the first being the one the main tables are for. Fills in
+    what JSON written before thread lists lacks: each point's ``threads`` (the run's
+    ``settings.threads``; 0 = torch's default) and ``settings.thread_counts``. Idempotent."""
+    s = results["machine"].setdefault("settings", {})
+    default = s.get("threads") or 0
+    counts = list(s.get("thread_counts") or [default])
+    for p in list(results.get("points", [])) + list(results.get("sweep", [])):
+        t = p.setdefault("threads", default)
+        if t not in counts:
+            counts.append(t)
+    s["thread_counts"] = counts
+    return counts
+
+
+def threads_label(t: int) -> str:
+    return "torch's default threads" if t == 0 else f"{t} thread" + ("" if t == 1 else "s")
+
+
+def _points(results, order, workload=None, sweep=False, threads=None):
+    """The points of one order (and workload) at one thread count (default: the first)."""
+    counts = normalize_threads(results)
+    t = counts[0] if threads is None else threads
     src = results["sweep"] if sweep else results["points"]
-    return [p for p in src if p["order"] == order and (workload is None or p["workload"] == workload)]
+    return [p for p in src if p["order"] == order and (workload is None or p["workload"] == workload)
+            and p["threads"] == t]
 
 
 def _cell_time(p) -> str:
@@ -66,9 +93,15 @@ def _is_exact(name: str) -> bool:
     return "finite_difference" not in name
 
 
-def _best(points, pymaml: bool, key="median_s") -> Optional[Dict]:
+def _wall(p) -> float:
+    return p["median_s"]
+
+
+def _best(points, pymaml: bool, key="median_s", time=None) -> Optional[Dict]:
+    """Fastest (``time``, default the ranking's) or leanest exact pymaml / other point."""
+    time = time or _t
     ok = [p for p in points if p["status"] == "ok" and _is_pymaml(p["impl"]) == pymaml and _is_exact(p["impl"])]
-    return min(ok, key=lambda p: _t(p) if key == "median_s" else p["peak_bytes"]) if ok else None
+    return min(ok, key=lambda p: time(p) if key == "median_s" else p["peak_bytes"]) if ok else None
 
 
 # ---- agreement ----------------------------------------------------------------------------------
@@ -154,7 +187,9 @@ def headline_rows(results, workloads, order="second"):
 def headline(results, workloads, order="second") -> str:
     rank = set_rank(results)
     cpu = rank == "cpu"
-    lines = [f"| workload ({order} order) | pymaml best | ms/meta-step | fastest other | ms/meta-step | "
+    counts = normalize_threads(results)
+    where = f"{order} order" + (f", {threads_label(counts[0])}" if len(counts) > 1 else "")
+    lines = [f"| workload ({where}) | pymaml best | ms/meta-step | fastest other | ms/meta-step | "
              + ("speed-up (CPU time) | speed-up (wall) | " if cpu else "speed-up | ")
              + "pymaml lowest peak MiB | lowest other peak MiB | memory ratio |",
              "|---|---|---:|---|---:|---:|" + ("---:|" if cpu else "") + "---:|---:|---:|"]
@@ -182,25 +217,124 @@ def headline(results, workloads, order="second") -> str:
 
 
 def _sweep_table(results) -> str:
-    sw = results.get("sweep") or []
-    if not sw:
+    counts = normalize_threads(results)
+    out = []
+    for t in counts:
+        sw = _points(results, "second", sweep=True, threads=t)
+        if not sw:
+            continue
+        w = sw[0]["workload"]
+        ks = sorted({p["steps"] for p in sw})
+        impls = list(dict.fromkeys(p["impl"] for p in sw))
+        by = {(p["impl"], p["steps"]): p for p in sw}
+        out += [f"### Against the number of inner steps: {results['workloads'].get(w, {}).get('title', w)} "
+                f"(second order; K varies" + (f"; {threads_label(t)}" if len(counts) > 1 else "") + ")\n",
+                "ms per meta-step / peak MiB above baseline\n",
+                "| implementation | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+        for n in impls:
+            cells = []
+            for k in ks:
+                p = by.get((n, k))
+                cells.append("–" if p is None else (_cell_time(p) if p["status"] != "ok"
+                                                     else f"{_cell_time(p)} / {_cell_mem(p)}"))
+            out.append(f"| {n} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+# ---- thread counts -------------------------------------------------------------------------------
+def _ratio(a: Optional[Dict], b: Optional[Dict]) -> Optional[float]:
+    """Wall time of ``a`` over that of ``b`` (both measured), else None."""
+    ok = a is not None and b is not None and a["status"] == "ok" and b["status"] == "ok"
+    return a["median_s"] / b["median_s"] if ok else None
+
+
+def _x(r: Optional[float]) -> str:
+    return "–" if r is None else f"{r:.2f}×"
+
+
+def _short(t: int) -> str:
+    return "default" if t == 0 else str(t)
+
+
+def threads_table(results, impls, order, workload) -> str:
+    """Wall time per meta-step of each implementation at each thread count, the gain over the
+    first count (its time / this one's) and pymaml's lead (fastest other / best exact pymaml) at each."""
+    counts = normalize_threads(results)
+    if len(counts) < 2:
         return ""
-    w = sw[0]["workload"]
-    ks = sorted({p["steps"] for p in sw})
-    impls = list(dict.fromkeys(p["impl"] for p in sw))
-    by = {(p["impl"], p["steps"]): p for p in sw}
-    out = [f"### Against the number of inner steps: {results['workloads'].get(w, {}).get('title', w)} "
-           f"(second order; K varies)\n",
-           "ms per meta-step / peak MiB above baseline\n",
-           "| implementation | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+    pts = {t: _points(results, order, workload, threads=t) for t in counts}
+    if not any(pts.values()):
+        return ""
+    base = counts[0]
+    by = {(p["impl"], t): p for t in counts for p in pts[t]}
+    fastest = {}
+    for t in counts:
+        ok = [p for p in pts[t] if p["status"] == "ok"]
+        if ok:
+            fastest[t] = min(ok, key=_wall)["impl"]
+    lines = [f"#### {results['workloads'].get(workload, {}).get('title', workload)}, {order} order\n",
+             "| implementation | " + " | ".join(threads_label(t) for t in counts) + " | "
+             + " | ".join(f"gain {_short(t)} vs {_short(base)}" for t in counts[1:]) + " |",
+             "|---|" + "---:|" * (2 * len(counts) - 1)]
     for n in impls:
-        cells = []
-        for k in ks:
-            p = by.get((n, k))
-            cells.append("–" if p is None else (_cell_time(p) if p["status"] != "ok"
-                                                 else f"{_cell_time(p)} / {_cell_mem(p)}"))
-        out.append(f"| {n} | " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
+        if not any((n, t) in by for t in counts):
+            continue
+        cells = [by.get((n, t)) for t in counts]
+        lines.append(f"| {n} | " + " | ".join(f"**{_cell_time(p)}**" if fastest.get(t) == n else _cell_time(p)
+                                                for t, p in zip(counts, cells))
+                     + " | " + " | ".join(_x(_ratio(cells[0], p)) for p in cells[1:]) + " |")
+    best = {t: (_best(pts[t], True, time=_wall), _best(pts[t], False, time=_wall)) for t in counts}
+    for label, i in (("pymaml's best" + (" (exact)" if order == "second" else ""), 0), ("fastest other", 1)):
+        bs = [best[t][i] for t in counts]
+        lines.append(f"| *{label}* | " + " | ".join("–" if p is None else f"{p['median_s'] * 1e3:,.1f} ({p['impl']})"
+                                                    for p in bs)
+                     + " | " + " | ".join(_x(_ratio(bs[0], p)) for p in bs[1:]) + " |")
+    lines.append("| *pymaml's lead* | " + " | ".join(_x(_ratio(best[t][1], best[t][0])) for t in counts)
+                 + " |" + " |" * (len(counts) - 1))
+    return "\n".join(lines) + "\n"
+
+
+def threads_summary(results, workloads, order="second") -> str:
+    """One row per workload: pymaml's lead at each thread count and the gain of the best pymaml
+    and of the fastest other implementation from more threads (wall time)."""
+    counts = normalize_threads(results)
+    if len(counts) < 2:
+        return ""
+    base = counts[0]
+    lines = [f"| workload ({order} order) | " + " | ".join(f"pymaml's lead, {threads_label(t)}" for t in counts)
+             + " | " + " | ".join(f"gain {_short(t)} vs {_short(base)}, {who}" for t in counts[1:]
+                                  for who in ("pymaml's best", "fastest other")) + " |",
+             "|---|" + "---:|" * (len(counts) + 2 * (len(counts) - 1))]
+    for w in workloads:
+        pts = {t: _points(results, order, w, threads=t) for t in counts}
+        best = {t: (_best(pts[t], True, time=_wall), _best(pts[t], False, time=_wall)) for t in counts}
+        if not any(b for pair in best.values() for b in pair):
+            continue
+        cells = [_x(_ratio(best[t][1], best[t][0])) for t in counts]
+        for t in counts[1:]:
+            cells += [_x(_ratio(best[base][0], best[t][0])), _x(_ratio(best[base][1], best[t][1]))]
+        lines.append(f"| {results['workloads'].get(w, {}).get('title', w)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _threads_section(results, impls, orders, workloads) -> List[str]:
+    counts = normalize_threads(results)
+    if len(counts) < 2:
+        return []
+    out = [f"## Torch threads: {', '.join(threads_label(t) for t in counts)}\n",
+           "Wall-clock ms per meta-step at each torch thread count (the CPU time of all the worker's "
+           "threads in brackets; fastest in bold); gain = the time at "
+           f"{threads_label(counts[0])} / the time at the other count; pymaml's lead = the fastest other "
+           "implementation's time / pymaml's best exact time at the same count. All by wall time, "
+           "since CPU time adds up the threads. More threads pay only where cores are free: on a "
+           "loaded machine each parallel region waits for time slices (see the load averages above).\n"]
+    for order in orders:
+        out.append(threads_summary(results, workloads, order))
+    for order in orders:
+        for w in workloads:
+            out.append(threads_table(results, impls, order, w))
+    return out
 
 
 def markdown(results, impls, orders, workloads) -> str:
@@ -211,7 +345,7 @@ def markdown(results, impls, orders, workloads) -> str:
     out = [f"# Side-by-side meta-gradient benchmark ({m['device']})\n",
            f"- date: {m['date']}; command: `{m.get('command', '')}`",
            f"- machine: {m['cpu']}, {m['cores']} cores" + (f"; GPU {m['gpu']} (CUDA {m.get('cuda')})" if m.get("gpu") else "")
-           + f"; torch threads per worker {s.get('threads') or m.get('torch_threads_default')}; load average at start {m['load_avg_start']}, "
+           + f"; torch threads per worker {_threads_phrase(results)}; load average at start {m['load_avg_start']}, "
              f"at end {m.get('load_avg_end', '?')} (shared machine: other jobs ran alongside)",
            f"- python {m['python']}, torch {m['torch']}, " + ", ".join(f"{k} {x}" for k, x in v.items())
            + f"; pymaml backend by default: {m.get('pymaml_backend_default')}",
@@ -231,8 +365,9 @@ def markdown(results, impls, orders, workloads) -> str:
            "- times: wall-clock ms per meta-step, with the process's CPU time (user + system) in brackets "
            "where measured; " + ("implementations are RANKED BY CPU TIME here (best/fastest, bold, "
            "speed-ups): on this shared machine wall time also counts the time spent waiting for a core "
-           "while other jobs ran, which varied by ±30% between points; each worker uses 1 thread, so "
-           "CPU time is the work done" if rank == "cpu" else "ranked by wall time"),
+           "while other jobs ran, which varied by ±30% between points; each worker uses "
+           f"{threads_label(normalize_threads(results)[0])}, so CPU time is the work done"
+           if rank == "cpu" else "ranked by wall time"),
            "- image tasks use random synthetic images (timing does not depend on pixel values); "
            "sinusoid tasks follow Finn et al. 2017",
            "", "## Workloads\n"]
@@ -252,13 +387,23 @@ def markdown(results, impls, orders, workloads) -> str:
                 _table(results, impls, order, workloads, _cell_time, "median_s"),
                 f"## {order.capitalize()} order: peak memory above baseline, MiB (lowest in bold)\n",
                 _table(results, impls, order, workloads, _cell_mem, "peak_bytes")]
+    out += _threads_section(results, impls, orders, workloads)
     out.append(_sweep_table(results))
     return "\n".join(out)
 
 
+def _threads_phrase(results) -> str:
+    counts = normalize_threads(results)
+    m = results["machine"]
+    first = counts[0] or m.get("torch_threads_default")
+    if len(counts) == 1:
+        return str(first)
+    return f"{first} in all tables but the threads tables, which compare {', '.join(_short(t) for t in counts)}"
+
+
 def notes_fragment(results, workloads, out_dir) -> str:
     m = results["machine"]
-    return "\n".join([
+    return "\n".join(part for part in [
         f"### Side by side with learn2learn, higher, TorchOpt, a plain loop and torch.func ({m['device']})\n",
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, shared; load {m['load_avg_start']}), "
         f"torch {m['torch']}, " + ", ".join(f"{k} {x}" for k, x in m.get("versions", {}).items()) + ".\n",
@@ -269,7 +414,16 @@ def notes_fragment(results, workloads, out_dir) -> str:
            if m.get("merged_from") else ""),
         headline(results, workloads, "second"),
         headline(results, workloads, "first"),
-        f"Full tables, agreement check and plots: `{_rel(out_dir)}/side_by_side.md`.\n"])
+        _threads_caption(results) + threads_summary(results, workloads, "second"),
+        f"Full tables, agreement check and plots: `{_rel(out_dir)}/side_by_side.md`.\n"] if part)
+
+
+def _threads_caption(results) -> str:
+    counts = normalize_threads(results)
+    if len(counts) < 2:
+        return ""
+    return (f"At {', '.join(threads_label(t) for t in counts)} per worker, by wall time (lead: fastest other / "
+            f"pymaml's best at the same count; gain: time at {threads_label(counts[0])} / time at more):\n\n")
 
 
 def _clean(cmd: str) -> str:
@@ -301,7 +455,8 @@ def plots(results, impls, orders, workloads, out_dir) -> List[Path]:
     paths = []
     dev = results["machine"]["device"]
     cpu_rank = set_rank(results) == "cpu"
-    tlabel = "CPU ms per meta-step (1 thread)" if cpu_rank else "ms per meta-step"
+    first = normalize_threads(results)[0]
+    tlabel = f"CPU ms per meta-step ({threads_label(first)})" if cpu_rank else "ms per meta-step"
     for order in orders:
         names = [n for n in impls if any(p["impl"] == n for p in _points(results, order))]
         if not names:
@@ -334,7 +489,7 @@ def plots(results, impls, orders, workloads, out_dir) -> List[Path]:
         fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)
-    sw = results.get("sweep") or []
+    sw = _points(results, "second", sweep=True, threads=first)
     if sw:
         w = sw[0]["workload"]
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -6,6 +6,7 @@ loop and torch.func + vmap, on the workloads of the MAML paper, in one run.
     python benchmarks/side_by_side.py --quick              # small instances, 1 timed step: minutes
     python benchmarks/side_by_side.py --device cuda        # GPU (memory: max_memory_allocated)
     python benchmarks/side_by_side.py --workloads omniglot --impls pymaml,learn2learn --orders second
+    python benchmarks/side_by_side.py --threads 1,2           # every point at 1 and at 2 torch threads
 
 What it does, in order:
 1. Agreement check. Every implementation computes the meta-gradient (mean over tasks of the query
@@ -19,9 +20,14 @@ What it does, in order:
    timed ones, with glibc's mmap threshold fixed at ``--mmap-threshold-mib``, 4 MiB; see
    sbs_measure.py). A point that exceeds
    ``--timeout`` is reported as a timeout, one that fails (e.g. out of memory) as failed.
+   With several ``--threads`` counts every point (and every sweep point) runs at each of them, one
+   after the other, so that the counts of one point are measured under the same load.
 3. Output in ``--out`` (default benchmarks/results/<device>/): side_by_side.md (tables, machine,
    versions, date, command), side_by_side.json (every figure), PNG plots (time and memory per
    implementation; time and memory against the number of inner steps for the ``--sweep`` workload).
+   The tables and plots are for the first thread count; with several, a "threads" table per workload
+   and order gives each implementation's time at each count, the gain from more threads and
+   pymaml's lead over the fastest other implementation at each count.
 
 pymaml's compiled and pure-torch backends are chosen at import (PYMAML_BACKEND=torch forces the
 latter), so each runs in its own process. A peer that does not import is listed as "not
@@ -40,7 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -62,13 +68,15 @@ DEFAULT_SKIP = ("long-horizon:pymaml:recompute/jvp,long-horizon:pymaml[torch]:re
 
 
 # =============================================================================================
-# worker side: a fork server per pymaml backend; one forked child process per point
+# worker side: a fork server per (pymaml backend, torch threads); one forked child per point
 # =============================================================================================
 # Importing torch and the peers takes 5-15 s on this shared 2-core machine, longer than most
-# points, so each backend gets one server process that imports everything once and then FORKS a
-# fresh child per point. The child is a new process with its own memory accounting; its baseline
-# is taken just before its first meta-step, as for a freshly started interpreter. Nothing has run
-# an OpenMP region or touched CUDA in the server (checked), so the children start clean.
+# points, so each (backend, thread count) gets one server process, started when its first point
+# runs, that imports everything once and then FORKS a fresh child per point. The child is a new
+# process with its own memory accounting; its baseline is taken just before its first meta-step,
+# as for a freshly started interpreter. Nothing has run an OpenMP region or touched CUDA in the
+# server (checked), so the children start clean: a child's OpenMP pool, of the server's thread
+# count, starts with its first parallel region.
 
 def _do(spec: Dict) -> Dict:
     """Runs in the forked child."""
@@ -157,7 +165,7 @@ def _serve(device: str, threads: int) -> None:
 
 
 class _Server:
-    """The driver's handle on one fork server (one per pymaml backend)."""
+    """The driver's handle on one fork server (one per pymaml backend and thread count)."""
 
     def __init__(self, env_backend: Optional[str], device: str, threads: int, log_path: Path):
         env = dict(os.environ)
@@ -203,13 +211,14 @@ class _Server:
             self.p = None
 
 
-_SERVERS: Dict[Optional[str], _Server] = {}
+_SERVERS: Dict[Tuple[Optional[str], int], _Server] = {}
 
 
-def _run_worker(spec: Dict, env_backend: Optional[str], timeout: float) -> Dict:
-    srv = _SERVERS.get(env_backend)
+def _run_worker(spec: Dict, env_backend: Optional[str], threads: int, timeout: float) -> Dict:
+    srv = _SERVERS.get((env_backend, threads))
     if srv is None:
-        raise RuntimeError("side_by_side: servers not set up")
+        raise RuntimeError(f"side_by_side: no worker server for backend {env_backend or 'default'} "
+                           f"with {threads} threads")
     return srv.run(spec, timeout)
 
 
@@ -222,6 +231,26 @@ def _backend_env(impl: str) -> Optional[str]:
 # =============================================================================================
 # driver side
 # =============================================================================================
+def parse_threads(spec: str, device: str) -> List[int]:
+    """``--threads``: one count or a comma list (``all`` = os.cpu_count(), 0 = torch's default);
+    empty, or a single negative count, gives the device's default: 1 on the CPU, 0 on a GPU."""
+    toks = [t.strip() for t in str(spec).split(",") if t.strip()]
+    if not toks or (len(toks) == 1 and toks[0].lstrip("-").isdigit() and int(toks[0]) < 0):
+        return [0 if device.startswith("cuda") else 1]
+    out: List[int] = []
+    for tok in toks:
+        if tok == "all":
+            n = os.cpu_count() or 1
+        elif tok.isdigit():
+            n = int(tok)
+        else:
+            raise SystemExit(f"side_by_side: --threads {spec!r}: {tok!r} is not a thread count "
+                             "(a whole number ≥ 0, or 'all')")
+        if n not in out:
+            out.append(n)
+    return out
+
+
 def _select_impls(spec: Optional[str]) -> List[str]:
     import sbs_impls
     names = list(sbs_impls.IMPLS)
@@ -293,7 +322,7 @@ def _loadavg() -> str:
         return "?"
 
 
-def run_check(workloads, impls, orders, device, timeout, log, threads=0) -> Dict:
+def run_check(workloads, impls, orders, device, timeout, log, threads=1) -> Dict:
     """{workload: {order: {impl: rel diff float | reason str}}}, plus the reference used."""
     import torch
     groups: Dict[Optional[str], List[str]] = {}
@@ -306,7 +335,7 @@ def run_check(workloads, impls, orders, device, timeout, log, threads=0) -> Dict
             spec = dict(mode="check", workloads=workloads, impls=names, orders=orders, device=device,
                         out=out, small=True, threads=threads)
             t0 = time.perf_counter()
-            res = _run_worker(spec, env_backend, timeout)
+            res = _run_worker(spec, env_backend, threads, timeout)
             log(f"  check ({'PYMAML_BACKEND=' + env_backend if env_backend else 'default backend'}, "
                 f"{len(names)} impls): {res['status']} in {time.perf_counter() - t0:.0f} s")
             if res["status"] != "ok":
@@ -346,14 +375,18 @@ def _reference(dd: Dict, order: str) -> Optional[str]:
 
 
 def _merge(paths) -> Dict:
+    import sbs_report
     res: Dict = {}
     for path in paths:
         r = json.loads(Path(path).read_text())
+        counts = sbs_report.normalize_threads(r)  # files without thread counts: the run's setting
         if not res:
             res = r
             continue
+        settings = res["machine"]["settings"]
+        settings["thread_counts"] += [t for t in counts if t not in settings["thread_counts"]]
         for key in ("points", "sweep"):  # a later file's point wins, unless it was only skipped
-            k = lambda p: (p["workload"], p["order"], p["impl"], p["steps"])  # noqa: E731
+            k = lambda p: (p["workload"], p["order"], p["impl"], p["steps"], p["threads"])  # noqa: E731
             have = {k(p) for p in res[key]}
             add = [p for p in r[key] if not (p["status"] == "skipped" and k(p) in have)]
             new = {k(p) for p in add}
@@ -406,9 +439,10 @@ def main(argv=None) -> int:
                     help="stop timing a point after this many seconds of timed steps (≥1 step)")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per point, reported as timeout")
     ap.add_argument("--check-timeout", type=float, default=900.0)
-    ap.add_argument("--sweep", default="long-horizon:1,5,10,25",
+    ap.add_argument("--sweep", default=None,
                     help="WORKLOAD:K1,K2,... for the time/memory-against-inner-steps plot, second "
-                         "order ('' to skip); the point at the workload's own K is reused")
+                         "order, at every --threads count ('' to skip; default long-horizon:1,5,10,25, "
+                         "none with --quick); the point at the workload's own K is reused")
     ap.add_argument("--sweep-impls", default="pymaml:recompute/double_backward,pymaml:unrolled,plain,"
                                              "learn2learn")
     ap.add_argument("--skip", default=DEFAULT_SKIP,
@@ -424,24 +458,28 @@ def main(argv=None) -> int:
                          "memory over the timed steps with the default allocator)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--quick", action="store_true",
-                    help="small instances, 1 warm-up + 1 timed step, no sweep: a smoke run")
-    ap.add_argument("--threads", type=int, default=-1,
-                    help="torch threads in every worker (0: torch's default; default: 1 on the CPU, "
-                         "because on a shared, oversubscribed machine OpenMP's spinning threads made "
-                         "2-thread runs 10-100x slower and erratic; 0 on GPU)")
+                    help="small instances, 1 warm-up + 1 timed step, no sweep unless --sweep is "
+                         "given: a smoke run")
+    ap.add_argument("--threads", default="",
+                    help="torch threads in every worker: a count, or a comma list (e.g. 1,2; 'all' = "
+                         f"os.cpu_count(), here {os.cpu_count()}) to run every point at each count; the "
+                         "main tables are for the first, a 'threads' table per workload compares them "
+                         "(0: torch's default; default: 1 on the CPU, because on a shared, oversubscribed "
+                         "machine OpenMP's spinning threads made 2-thread runs 10-100x slower and "
+                         "erratic; 0 on GPU)")
     ap.add_argument("--out", default="")
     ap.add_argument("--notes", default="", help="also write the headline fragment (markdown) here")
     ap.add_argument("--render", nargs="+", metavar="JSON",
                     help="no measuring: merge these side_by_side.json files (later ones win for the "
-                         "same point) and write the tables, plots and notes to --out")
+                         "same point: workload, order, implementation, inner steps and thread count; a "
+                         "file without thread counts ran at its settings.threads) and write the "
+                         "tables, plots and notes to --out")
     ap.add_argument("--serve", nargs=2, metavar=("DEVICE", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
         _serve(args.serve[0], int(args.serve[1]))
         return 0
 
-    import sbs_impls
-    import sbs_report
     if args.render:
         return _render(args)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -450,10 +488,11 @@ def main(argv=None) -> int:
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
     impls = _select_impls(args.impls)
     if args.quick:
-        args.repeats, args.warmup, args.sweep = 1, 1, ""
+        args.repeats, args.warmup = 1, 1
+    if args.sweep is None:
+        args.sweep = "" if args.quick else "long-horizon:1,5,10,25"
     dev_name = "cuda" if args.device.startswith("cuda") else args.device
-    if args.threads < 0:
-        args.threads = 0 if dev_name == "cuda" else 1
+    thread_counts = parse_threads(args.threads, dev_name)
     if args.rank is None:
         args.rank = "wall" if dev_name == "cuda" else "cpu"
     out_dir = Path(args.out) if args.out else HERE / "results" / (dev_name + ("-quick" if args.quick else ""))
@@ -465,18 +504,32 @@ def main(argv=None) -> int:
         log_f.write(msg + "\n")
         log_f.flush()
 
+    _SERVERS.clear()
     for env_backend in (None, "torch"):
-        _SERVERS[env_backend] = _Server(env_backend, args.device, args.threads, out_dir / "workers.log")
+        for t in thread_counts:
+            _SERVERS[(env_backend, t)] = _Server(env_backend, args.device, t, out_dir / "workers.log")
     (out_dir / "workers.log").write_text("")
+    try:
+        return _measure(args, argv, workloads, orders, impls, thread_counts, out_dir, log)
+    finally:
+        for srv in _SERVERS.values():
+            srv.close()
+        log_f.close()
+
+
+def _measure(args, argv, workloads, orders, impls, thread_counts, out_dir, log) -> int:
+    import sbs_impls
+    import sbs_report
+    import sbs_workloads
     t_start = time.perf_counter()
     info = _machine(args.device)
     info["command"] = "python benchmarks/side_by_side.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     info["settings"] = dict(repeats=args.repeats, warmup=args.warmup, budget_s=args.budget,
-                            timeout_s=args.timeout, quick=args.quick, threads=args.threads,
-                            rank=args.rank, skip=args.skip,
+                            timeout_s=args.timeout, quick=args.quick, threads=thread_counts[0],
+                            thread_counts=thread_counts, rank=args.rank, skip=args.skip,
                             mmap_threshold_mib=args.mmap_threshold_mib if args.device == "cpu" else None)
     log(f"# side-by-side on {args.device}: {info['cpu']} / {info.get('gpu', '')}; torch {info['torch']}; "
-        f"versions {info['versions']}; load {info['load_avg_start']}")
+        f"versions {info['versions']}; load {info['load_avg_start']}; torch threads {thread_counts}")
     results: Dict = {"machine": info, "workloads": {}, "agreement": {}, "points": [], "sweep": []}
     for w in workloads:
         wl = sbs_workloads.get(w)
@@ -489,38 +542,39 @@ def main(argv=None) -> int:
         results["machine"]["load_avg_end"] = _loadavg()
         json_path.write_text(json.dumps(results, indent=1))
 
-    # 1. agreement
+    # 1. agreement (at the first thread count: the figures are float64 rounding either way)
     if not args.no_check:
         log("## agreement check (float64, small instances)")
         results["agreement"] = run_check(workloads, impls, orders, args.device, args.check_timeout, log,
-                                          args.threads)
+                                          thread_counts[0])
         log(sbs_report.agreement_table(results, impls, orders))
         save()
 
-    # 2. timing points
+    # 2. timing points, each at every thread count in turn
     skip = set()
     for tok in [t.strip() for t in args.skip.split(",") if t.strip()]:
         wl, _, nm = tok.partition(":")
         skip.add((wl, nm))
+    tag = (lambda t: f" {t:2d}T") if len(thread_counts) > 1 else (lambda t: "")
 
-    def point(w, order, impl, steps=None):
+    def point(w, order, impl, threads, steps=None):
         if (w, impl) in skip and steps is None:
             res = {"status": "skipped", "reason": "left out for time; run with --skip ''"}
-            res.update(workload=w, order=order, impl=impl, steps=sbs_workloads.get(w).steps)
-            log(f"  {w:13s} {order:6s} {impl:42s} skipped")
+            res.update(workload=w, order=order, impl=impl, steps=sbs_workloads.get(w).steps, threads=threads)
+            log(f"  {w:13s} {order:6s} {impl:42s}{tag(threads)} skipped")
             return res
         spec = dict(mode="time", workload=w, impl=impl, order=order, steps=steps, device=args.device,
                     warmup=args.warmup, repeats=args.repeats, budget_s=args.budget, small=args.quick,
-                    threads=args.threads, mmap_threshold_mib=args.mmap_threshold_mib)
-        res = _run_worker(spec, _backend_env(impl), args.timeout)
+                    threads=threads, mmap_threshold_mib=args.mmap_threshold_mib)
+        res = _run_worker(spec, _backend_env(impl), threads, args.timeout)
         res.update(workload=w, order=order, impl=impl,
-                   steps=steps if steps is not None else sbs_workloads.get(w).steps)
+                   steps=steps if steps is not None else sbs_workloads.get(w).steps, threads=threads)
         if res["status"] == "ok":
-            log(f"  {w:13s} {order:6s} {impl:42s} {res['median_s'] * 1e3:10.1f} ms "
+            log(f"  {w:13s} {order:6s} {impl:42s}{tag(threads)} {res['median_s'] * 1e3:10.1f} ms "
                 f"(cpu {(res.get('cpu_median_s') or float('nan')) * 1e3:10.1f}) "
                 f"{res['peak_bytes'] / 2**20:9.1f} MiB  ({len(res['times_s'])} timed, {res['wall_s']:.0f} s)")
         else:
-            log(f"  {w:13s} {order:6s} {impl:42s} {res['status']}: {res.get('reason', '')}")
+            log(f"  {w:13s} {order:6s} {impl:42s}{tag(threads)} {res['status']}: {res.get('reason', '')}")
         return res
 
     log("## timing")
@@ -529,10 +583,11 @@ def main(argv=None) -> int:
             for impl in impls:
                 if order not in sbs_impls.IMPLS[impl].orders:
                     continue
-                results["points"].append(point(w, order, impl))
-                save()
+                for t in thread_counts:
+                    results["points"].append(point(w, order, impl, t))
+                    save()
 
-    # 3. sweep over inner steps (second order)
+    # 3. sweep over inner steps (second order), at every thread count
     if args.sweep and "second" in orders:
         sw, ks = args.sweep.split(":")
         ks = [int(k) for k in ks.split(",") if k]
@@ -541,10 +596,11 @@ def main(argv=None) -> int:
         own_k = sbs_workloads.get(sw).steps
         for k in ks:
             for impl in sweep_impls:
-                reuse = [p for p in results["points"] if p["workload"] == sw and p["order"] == "second"
-                         and p["impl"] == impl and k == own_k]
-                results["sweep"].append(dict(reuse[0]) if reuse else point(sw, "second", impl, k))
-                save()
+                for t in thread_counts:
+                    reuse = [p for p in results["points"] if p["workload"] == sw and p["order"] == "second"
+                             and p["impl"] == impl and p["threads"] == t and k == own_k]
+                    results["sweep"].append(dict(reuse[0]) if reuse else point(sw, "second", impl, t, k))
+                    save()
 
     save()
     md = sbs_report.markdown(results, impls, orders, workloads)
@@ -558,8 +614,6 @@ def main(argv=None) -> int:
     log(head)
     if args.notes:
         Path(args.notes).write_text(sbs_report.notes_fragment(results, workloads, out_dir))
-    for srv in _SERVERS.values():
-        srv.close()
     log(f"# done in {time.perf_counter() - t_start:.0f} s; results in {out_dir}")
     return 0
 

@@ -173,6 +173,14 @@ def check_fd(op: str, names: Sequence[str], a, b, eps):
     return a, b
 
 
+def check_loss_scale(op: str, scale) -> float:
+    """A finite number > 0 (a loss scale; a GradScaler's ``get_scale()``)."""
+    scale = check_number(op, "loss_scale", scale)
+    if not scale > 0:
+        raise ValueError(f"{op}: loss_scale must be > 0, got {scale}")
+    return scale
+
+
 def check_clip(op: str, max_norm, eps) -> None:
     if not max_norm > 0:
         raise ValueError(f"{op}: max_norm must be positive, got {max_norm}")

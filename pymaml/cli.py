@@ -114,14 +114,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             sys.stderr.flush()
             os._exit(2)
         return 2
-    if pdist.is_initialized():
-        import torch.distributed as dist
-        dist.destroy_process_group()
+    pdist.shutdown()
     if summary.get("rank", 0) != 0:
         return 0
     print(format_summary(summary))
-    print(f"\noutputs in {cfg.out}/ (summary.json, curves.png{', fits.png' if args.task == 'sinusoid' else ''}, "
-          f"checkpoint.pt)")
+    made = [f for f in ("summary.json", "summary.md", "curves.png", "fits.png", "checkpoint.pt")
+            if os.path.exists(os.path.join(cfg.out, f))]
+    print(f"\noutputs in {cfg.out}/ ({', '.join(made)})")
     return 0
 
 

@@ -37,7 +37,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = ["is_initialized", "rank", "world_size", "shard", "local_share", "init_from_env", "reduce_sum",
            "bucket_mean", "reduce_grads", "reduce_meta_gradient", "broadcast_module", "check_in_sync",
-           "batch_norm_buffers", "average_buffers", "gather_objects", "broadcast_object", "reject_ddp", "ParameterDriftError"]
+           "batch_norm_buffers", "average_buffers", "gather_objects", "broadcast_object", "reject_ddp", "shutdown",
+           "ParameterDriftError"]
 
 
 class ParameterDriftError(RuntimeError):
@@ -95,6 +96,18 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 300.0) -> bo
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+def shutdown() -> None:
+    """Leaves the process group at the end of a run: waits until every rank has finished its work
+    (a barrier), then destroys the group. A rank that destroys its group while another still works
+    (rank 0 writing summaries, say) can make the last one fail at exit; the barrier prevents that.
+    Does nothing when no group was joined."""
+    if not is_initialized():
+        return
+    with _collective("shutdown"):
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _device(group=None) -> torch.device:

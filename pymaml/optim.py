@@ -59,28 +59,43 @@ class MetaOptimizer:
             ``check_every`` steps that the parameters are still identical on every rank
             (:class:`pymaml.distributed.ParameterDriftError` otherwise; 0: never).
         nonfinite: what :meth:`step` does when a NaN or Inf appears in an inner-loop gradient, a
-            Hessian-vector product or the meta-gradient: ``"raise"`` (default: a
+            Hessian-vector product or the meta-gradient: ``"raise"`` (default without a scaler: a
             ``FloatingPointError`` naming the op, the inner or adjoint step where it first appeared,
-            the parameters and the outer step; nothing updated), ``"skip"`` (no outer update,
-            counted in ``skipped_steps``, as ``torch.amp.GradScaler`` skips), or ``"allow"`` (no
-            check). The fused inner-loop and adjoint ops set per-step flags on the device as they
-            pass over the data (no host sync inside the meta-gradient); :meth:`step` reads them,
-            with one device-side check of the meta-gradient, once per outer step. With ``"skip"``
-            and an outer optimizer that takes GradScaler's ``found_inf`` (``fused=True`` SGD, Adam,
-            AdamW, Adagrad), nothing is read: the optimizer skips on the device and
-            ``skipped_steps`` is read from the device when asked. With ``distributed=True`` only
-            the (reduced, hence identical) meta-gradient decides, so every rank decides alike.
+            the parameters and the outer step; nothing updated), ``"skip"`` (default with a scaler:
+            no outer update, counted in ``skipped_steps``, as ``torch.amp.GradScaler`` skips), or
+            ``"allow"`` (no check; not with a scaler, which always skips). The fused inner-loop and
+            adjoint ops set per-step flags on the device as they pass over the data (no host sync
+            inside the meta-gradient); :meth:`step` reads them, with one device-side check of the
+            meta-gradient, once per outer step. With ``"skip"`` and an outer optimizer that takes
+            GradScaler's ``found_inf`` (``fused=True`` SGD, Adam, AdamW, Adagrad), nothing is read:
+            the optimizer skips on the device and ``skipped_steps`` is read from the device when
+            asked. With ``distributed=True``, and with a scaler (whose scaled adjoint may overflow
+            by design), only the meta-gradient decides.
+        scaler: a ``torch.amp.GradScaler`` for float16 autocast. :meth:`backward` multiplies the
+            query losses by the scaler's scale before differentiating (the support losses, and so
+            the inner loop, are not scaled), :meth:`step` unscales the gradients once
+            (``scaler.unscale_``), clips, steps through ``scaler.step`` (which skips the step when
+            a gradient is not finite) and calls ``scaler.update()``. The scaler's state is part of
+            :meth:`state_dict`.
         **settings: the algorithm's settings (``inner_lr``, ``inner_steps``, ``engine``, ...).
     """
 
     def __init__(self, model: nn.Module, outer_optimizer: torch.optim.Optimizer,
                  algorithm: Union[str, Algorithm] = "maml", loss_fn: Optional[Callable] = None, *,
                  max_grad_norm: Optional[float] = None, step_size_lr: Optional[float] = None,
-                 distributed: bool = False, check_every: int = 100, group=None, nonfinite: str = "raise",
-                 **settings):
+                 distributed: bool = False, check_every: int = 100, group=None, nonfinite: Optional[str] = None,
+                 scaler: Optional["torch.amp.GradScaler"] = None, **settings):
         _dist.reject_ddp(model, "MetaOptimizer")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"MetaOptimizer: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        if nonfinite is None:
+            nonfinite = "skip" if self.scaler is not None else "raise"
         if nonfinite not in NONFINITE:
             raise ValueError(f"MetaOptimizer: nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if nonfinite == "allow" and self.scaler is not None:
+            raise ValueError("MetaOptimizer: nonfinite='allow' cannot be honoured with a GradScaler, which skips "
+                             "every step whose gradients are not finite; use 'skip' or 'raise'")
         self.nonfinite, self._skipped, self._skipped_on_device = nonfinite, 0, None
         self._flags = None  # the StepFlags of the last meta-gradient
         if distributed and not _dist.is_initialized():
@@ -143,7 +158,7 @@ class MetaOptimizer:
         the gradient and the statistics are those of the whole meta-batch."""
         if self.distributed:
             return self._distributed_backward(tasks)
-        res = self.algorithm.meta_gradient(tasks)
+        res = self._meta_gradient(tasks)
         self._flags = res.nonfinite
         own = dict(self.algorithm.named_parameters())
         for name, p in self.model.named_parameters():
@@ -159,13 +174,21 @@ class MetaOptimizer:
             stats["accuracy"] = acc
         return stats
 
+    def _meta_gradient(self, tasks):
+        """The algorithm's meta-gradient; with a scaler, of the query losses times its scale."""
+        if self.scaler is None:
+            return self.algorithm.meta_gradient(tasks)
+        dev = next(iter(self.parameters())).device
+        self.scaler.scale(torch.zeros((), device=dev))  # the scaler's own (lazy) set-up on the device
+        return self.algorithm.meta_gradient(tasks, loss_scale=self.scaler.get_scale())
+
     def _distributed_backward(self, tasks) -> Dict[str, float]:
         n = task_count(tasks)
         named = [(n_, p) for n_, p in self.model.named_parameters() if p.requires_grad]
         named += [("algorithm." + n_, p) for n_, p in self.algorithm.named_parameters()]
         grads, stats, acc = {}, [0.0, 0.0, 0.0], None
         if n > 0:
-            res = self.algorithm.meta_gradient(tasks)
+            res = self._meta_gradient(tasks)
             self._flags = res.nonfinite
             grads = dict(res.grads)
             grads.update({"algorithm." + k: g for k, g in res.extra_grads.items()})
@@ -188,6 +211,8 @@ class MetaOptimizer:
         self.zero_grad()
         self._flags = None
         stats = self.backward(tasks)
+        if self.scaler is not None:
+            return self._scaled_step(stats)
         found_inf = None
         if self.nonfinite == "skip" and getattr(self.optimizer, "_step_supports_amp_scaling", False):
             found_inf = self._found_inf_on_device()
@@ -215,6 +240,33 @@ class MetaOptimizer:
             finally:
                 del self.optimizer.grad_scale, self.optimizer.found_inf
             self._skipped_on_device = found_inf if self._skipped_on_device is None else self._skipped_on_device + found_inf
+        self.steps_done += 1
+        if self.distributed and self.check_every and self.steps_done % self.check_every == 0:
+            self.check_in_sync()
+        return stats
+
+    def _scaled_step(self, stats: Dict[str, float]) -> Dict[str, float]:
+        """unscale_, clip, ``scaler.step`` (skipped on non-finite gradients), ``scaler.update``."""
+        scaler, scale = self.scaler, self.scaler.get_scale()
+        scaler.unscale_(self.optimizer)
+        if self.max_grad_norm is not None:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            stats["grad_norm"] = float(ops.clip_grad_norm_(grads, self.max_grad_norm))
+        # The scaled adjoint may overflow by design (the scaler then backs off): the meta-gradient decides.
+        where = self._find_nonfinite(use_flags=False) if self.nonfinite == "raise" else None
+        scaler.step(self.optimizer)
+        scaler.update()
+        stats["loss_scale"] = scale
+        if scaler.get_scale() < scale:  # the scaler backs off exactly when it skipped the step
+            if where is not None:
+                raise FloatingPointError(
+                    f"MetaOptimizer.step: {where} at outer step {self.steps_done} (loss scale {scale:g}); "
+                    "nothing was updated. With a GradScaler pass nonfinite='skip' (the default) to skip such "
+                    "steps and lower the scale")
+            self._skipped += 1
+            self.zero_grad()
+            stats["skipped"] = 1.0
+            return stats
         self.steps_done += 1
         if self.distributed and self.check_every and self.steps_done % self.check_every == 0:
             self.check_in_sync()
@@ -255,11 +307,12 @@ class MetaOptimizer:
             bad = bad | (flags.flags != 0).any()
         return bad.to(torch.float32)
 
-    def _find_nonfinite(self) -> Optional[str]:
-        """None when every ``.grad`` and step flag is finite, else where the NaN or Inf first
-        appeared and which meta-gradients hold one. One device-side reduction, one read."""
+    def _find_nonfinite(self, use_flags: bool = True) -> Optional[str]:
+        """None when every ``.grad`` (and step flag, with ``use_flags``) is finite, else where the
+        NaN or Inf first appeared and which meta-gradients hold one. One device-side reduction,
+        one read."""
         named = [(n, p.grad) for n, p in self._named_parameters() if p.grad is not None]
-        flags = self._step_flags()
+        flags = self._step_flags() if use_flags else None
         if not named and flags is None:
             return None
         dev = named[0][1].device if named else flags.flags.device
@@ -282,11 +335,16 @@ class MetaOptimizer:
             _dist.check_in_sync(list(self.parameters()), group=self.group)
 
     def state_dict(self) -> dict:
-        return {"algorithm": self.algorithm.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {"algorithm": self.algorithm.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.algorithm.load_state_dict(state["algorithm"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def task_count(tasks) -> int:

@@ -182,13 +182,16 @@ class Algorithm(nn.Module):
         """The meta-parameters: the model's parameters that require grad (frozen ones stay fixed)."""
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def meta_gradient(self, tasks) -> MetaStep:
+    def meta_gradient(self, tasks, loss_scale: float = 1.0) -> MetaStep:
+        """The meta-gradient of the mean query loss over ``tasks``; with ``loss_scale`` the gradients
+        come back multiplied by it (the query losses are scaled before differentiating; see
+        :func:`pymaml.functional.meta_gradient`), the losses unscaled."""
         tasks = as_tasks(tasks)
         lr = self.step_sizes(self.inner_steps)
         res = _meta_gradient(self.model, tasks, self.loss_fn, params=self.params(), steps=self.inner_steps, lr=lr,
                              adapt=self.adapted_names(), task_batching=self.task_batching,
                              weight_decay=self.weight_decay, memory_format=self.memory_format,
-                             batch_norm=self.batch_norm, **self.engine_settings())
+                             batch_norm=self.batch_norm, loss_scale=loss_scale, **self.engine_settings())
         self.iteration += 1
         return MetaStep(grads=res.grads, extra_grads=self.lr_grads_to_params(res.lr_grads),
                         query_loss=res.query_loss, query_outputs=res.query_outputs, support_loss=res.support_loss,

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .._checks import check_loss_scale
 from ..functional import Task, layout as _layout
 from ..functional.batching import Unit
 from ..functional.buffers import batch_norm_policy
@@ -103,7 +104,8 @@ class iMAML(Algorithm):
             phi = self._proximal(unit, list(theta.values()), steps, bn)
         return dict(zip(theta, phi))
 
-    def meta_gradient(self, tasks) -> MetaStep:
+    def meta_gradient(self, tasks, loss_scale: float = 1.0) -> MetaStep:
+        loss_scale = check_loss_scale(f"{self.name}.meta_gradient", loss_scale)
         tasks = task_list(tasks)
         own = {n: p.detach() for n, p in self.params().items()}
         layout = _layout.resolve(self.name, self.memory_format, self.model, list(own.values()), False)
@@ -118,8 +120,10 @@ class iMAML(Algorithm):
                 with torch.no_grad():
                     s_losses.append(unit.loss(theta, [], "s")[0])
                 phi = self._proximal(unit, theta, self.inner_steps, bn)
+                unit.query_scale = loss_scale
                 with bn.counted():
                     lq, out, gq, _ = loss_and_grad(unit, phi, [], "q")
+                lq = lq / loss_scale
                 if self.engine == "first_order":
                     x = gq
                 else:

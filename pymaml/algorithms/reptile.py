@@ -12,6 +12,7 @@ import torch
 
 from ..functional import layout as _layout
 from ..functional.buffers import batch_norm_policy
+from .._checks import check_loss_scale
 from .base import Algorithm, MetaStep, task_list
 
 
@@ -25,7 +26,10 @@ class Reptile(Algorithm):
             return "its inner loops run one task at a time"
         return "it differentiates nothing: its meta-gradient is θ − θ_K"
 
-    def meta_gradient(self, tasks) -> MetaStep:
+    def meta_gradient(self, tasks, loss_scale: float = 1.0) -> MetaStep:
+        # nothing is differentiated, so nothing can underflow: loss_scale only multiplies the result,
+        # as the other algorithms' gradients come back multiplied
+        loss_scale = check_loss_scale(f"{self.name}.meta_gradient", loss_scale)
         tasks = task_list(tasks)
         own = {n: p.detach() for n, p in self.params().items()}
         layout = _layout.resolve(self.name, self.memory_format, self.model, list(own.values()), False)
@@ -44,7 +48,7 @@ class Reptile(Algorithm):
             outputs.append(out)
         T = len(tasks)
         self.iteration += 1
-        return MetaStep(grads={n: _layout.like(g / T, own[n]) for n, g in grads.items()}, extra_grads={},
+        return MetaStep(grads={n: _layout.like(g / T * loss_scale if loss_scale != 1.0 else g / T, own[n]) for n, g in grads.items()}, extra_grads={},
                         query_loss=torch.stack(q_losses).mean(), query_outputs=outputs,
                         support_loss=torch.stack(s_losses).mean(),
                         info={"engine": "reptile", "hvp": None, "task_batching": "loop", "memory_format": layout,

@@ -57,10 +57,21 @@ class Unit:
                              f"per task), got {what}")
         return loss, out
 
+    #: multiplies the query loss (loss scaling for float16: the query loss's gradients, and so every
+    #: adjoint vector and the meta-gradient, come out multiplied by it; the support loss is not scaled)
+    query_scale: float = 1.0
+
     def loss(self, theta: Sequence[Tensor], phi: Sequence[Tensor], which: str,
              target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """(sum over the unit's tasks of the loss, outputs) on the support (``"s"``) or query (``"q"``)
-        set; ``target`` replaces the set's targets (same values; used to give them a jvp tangent)."""
+        set; ``target`` replaces the set's targets (same values; used to give them a jvp tangent).
+        The query loss is multiplied by :attr:`query_scale`."""
+        loss, out = self._loss(theta, phi, which, target)
+        if which == "q" and self.query_scale != 1.0:
+            loss = loss * self.query_scale
+        return loss, out
+
+    def _loss(self, theta, phi, which, target):
         x, y = self.support if which == "s" else self.query
         if target is not None:
             y = target

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .._checks import check_loss_scale
 from . import head_path
 from . import layout as _layout
 from .batching import Unit, make_units
@@ -259,7 +260,7 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
                   engine: str = "auto", hvp: str = "auto", step_weights: Optional[Sequence] = None,
                   adapt: Optional[Iterable[str]] = None, task_batching: str = "auto",
                   weight_decay: float = 0.0, keep_graphs_mib: float = DEFAULT_KEEP_GRAPHS_MIB,
-                  memory_format: str = "auto", batch_norm: str = "mode") -> MetaGradient:
+                  memory_format: str = "auto", batch_norm: str = "mode", loss_scale: float = 1.0) -> MetaGradient:
     """The exact (or first-order) MAML meta-gradient of the mean query loss over ``tasks``.
 
     model          any nn.Module; run through ``torch.func.functional_call`` on ``params``
@@ -296,12 +297,18 @@ def meta_gradient(model: nn.Module, tasks, loss_fn: Callable[[Tensor, Tensor], T
                    statistics, running statistics updated by the forward passes an unrolled loop
                    would run; eval: running statistics), or uses batch statistics always and leaves
                    running statistics alone (the MAML paper). See :mod:`pymaml.functional.buffers`.
+    loss_scale     multiplies the query losses before any gradient is taken (loss scaling, as
+                   ``torch.amp.GradScaler`` does for float16): the gradients (``grads``, ``lr_grads``)
+                   come back multiplied by it, the reported losses do not. The support losses are not
+                   scaled, so the inner loop is unchanged. :class:`pymaml.MetaOptimizer` with
+                   ``scaler=`` passes the scaler's scale and unscales.
 
     Nothing else is modified: neither the module's parameters (and other buffers) nor their ``.grad``.
     """
     opts = _Options(params=params, steps=steps, lr=lr, engine=engine, hvp=hvp, step_weights=step_weights,
                     adapt=adapt, task_batching=task_batching, weight_decay=weight_decay,
-                    keep_graphs_mib=keep_graphs_mib, memory_format=memory_format, batch_norm=batch_norm)
+                    keep_graphs_mib=keep_graphs_mib, memory_format=memory_format, batch_norm=batch_norm,
+                    loss_scale=loss_scale)
     first = next(iter((params or trainable_params(model)).values()), None)
     tape = RngTape(memory_format == "auto" and has_randomness(model),
                    first.device if isinstance(first, Tensor) else None)
@@ -335,6 +342,7 @@ class _Options:
     keep_graphs_mib: float
     memory_format: str
     batch_norm: str
+    loss_scale: float
 
     def resolved(self, op: str):
         """(engine, hvp method, whether hvp was "auto"), validated."""
@@ -349,6 +357,7 @@ class _Options:
         if hvp not in HVP_METHODS:
             raise ValueError(f"{op}: hvp must be one of {HVP_METHODS + ('auto',)}, got {self.hvp!r}")
         check_policy(op, self.batch_norm)
+        check_loss_scale(op, self.loss_scale)
         return engine, hvp, self.hvp == "auto"
 
 
@@ -368,6 +377,8 @@ def _meta_gradient(model, tasks, loss_fn, opts: _Options) -> MetaGradient:
     phi0 = [params[n] for n in names_fx]
     plan = LrPlan(op, opts.lr, steps, names_ad, theta0)
     units, n_tasks, batched = make_units(model, loss_fn, names_ad, names_fx, tasks, opts.task_batching)
+    for unit in units:
+        unit.query_scale = float(opts.loss_scale)
     layout = _layout.resolve(op, opts.memory_format, model, theta0 + phi0, batched)
     if layout != "preserve":
         theta0 = [_layout.to_layout(t, layout) for t in theta0]
@@ -400,10 +411,10 @@ def _meta_gradient(model, tasks, loss_fn, opts: _Options) -> MetaGradient:
     grads.update(zip(names_fx, acc.ph))
     grads = {n: _layout.like(grads[n], p) for n, p in params.items()}
     lr_acc = [_layout.like(g, leaf) for g, leaf in zip(acc.lr, plan.leaves)]
-    scale = setup.scale
-    return MetaGradient(grads=grads, lr_grads=plan.to_user(lr_acc), query_loss=acc.q * scale,
+    scale, q_scale = setup.scale, setup.scale / float(opts.loss_scale)  # the losses are reported unscaled
+    return MetaGradient(grads=grads, lr_grads=plan.to_user(lr_acc), query_loss=acc.q * q_scale,
                         query_outputs=acc.outputs, support_loss=acc.s * scale,
-                        meta_loss=torch.as_tensor(acc.m) * scale, engine=engine,
+                        meta_loss=torch.as_tensor(acc.m) * q_scale, engine=engine,
                         hvp=None if engine != "recompute" else hvp,
                         task_batching="vmap" if batched else "loop", memory_format=layout,
                         batch_norm=opts.batch_norm, nonfinite=setup.flags)

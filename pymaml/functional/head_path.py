@@ -105,8 +105,9 @@ class HeadSteps(Steps):
 
     needs_grads = True  # the closed form gives H u and the mixed term, not g
 
-    def __init__(self, loss_kind: str, names_ad: Sequence[str], Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor):
-        self.kind = loss_kind
+    def __init__(self, loss_kind: str, names_ad: Sequence[str], Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor,
+                 query_scale: float = 1.0):
+        self.kind, self.query_scale = loss_kind, query_scale
         self.loss_fn = F.cross_entropy if loss_kind == "cross_entropy" else F.mse_loss
         self.i_w = names_ad.index("head.weight")
         self.i_b = names_ad.index("head.bias") if "head.bias" in names_ad else None
@@ -116,12 +117,14 @@ class HeadSteps(Steps):
     def _head(self, X, th):
         return F.linear(X, th[self.i_w], th[self.i_b] if self.i_b is not None else None)
 
-    def _grads(self, X, y, th, with_x=False):
+    def _grads(self, X, y, th, with_x=False, scale=1.0):
         th_ = [t.detach().requires_grad_() for t in th]
         Xl = X.detach().requires_grad_(with_x)
         with torch.enable_grad():
             out = self._head(Xl, th_)
             loss = self.loss_fn(out, y)
+            if scale != 1.0:
+                loss = loss * scale
             g = torch.autograd.grad(loss, th_ + ([Xl] if with_x else []))
         return loss.detach(), out.detach(), list(g[:self.n]), (g[self.n] if with_x else None)
 
@@ -139,7 +142,7 @@ class HeadSteps(Steps):
         return self.loss_fn(self._head(self.Xs, theta), self.ys).detach()
 
     def query_grad(self, theta):
-        loss, out, g, gx = self._grads(self.Xq, self.yq, theta, with_x=True)
+        loss, out, g, gx = self._grads(self.Xq, self.yq, theta, with_x=True, scale=self.query_scale)
         return loss, out, g, [None, gx]
 
     def hvp(self, i, theta, u, grad):
@@ -177,7 +180,7 @@ def run_head_path(model: nn.Module, loss_kind: str, unit, setup: Setup) -> UnitR
                 Xq = torch.func.functional_call(fmod, pd, (xq,))
         K = setup.steps
         bn.replay([s_stats, q_stats] * K if (setup.weights is not None and K) else [s_stats] * K + [q_stats])
-        steps = HeadSteps(loss_kind, setup.names_ad, Xs.detach(), ys, Xq.detach(), yq)
+        steps = HeadSteps(loss_kind, setup.names_ad, Xs.detach(), ys, Xq.detach(), yq, unit.query_scale)
         fwd = forward_sweep(steps, setup, keep_grads=True)
         v, (gXs, gXq), lr_acc = adjoint_sweep(steps, fwd, setup, lr_acc=lr_acc)
         if ph:
