@@ -9,7 +9,7 @@
 namespace pymaml::device {
 
 UpdatePlan plan_sgd_update(at::TensorList params, at::TensorList grads, const LrSpec& spec, double lr,
-                           at::TensorList lrs, bool inplace, at::Device device) {
+                           at::TensorList lrs, bool inplace, const FlagSpec& flag, at::Device device) {
   const size_t n = params.size();
   UpdatePlan plan;
   plan.lr_arg = spec.form == LrForm::kShared ? spec.host_value : lr;
@@ -36,6 +36,7 @@ UpdatePlan plan_sgd_update(at::TensorList params, at::TensorList grads, const Lr
       TensorEntry<4> e;
       e.numel = params[i].numel();
       if (e.numel == 0) continue;
+      e.flag = flag.at(i);
       e.addr = {address(p_c[i], device), address(g_c[i], device), nullptr, address(plan.outs[i], device)};
       const at::Tensor* scalar = nullptr;  // a one-element α read on the device
       if (spec.shared_on_device()) {
@@ -67,7 +68,8 @@ UpdatePlan plan_sgd_update(at::TensorList params, at::TensorList grads, const Lr
 
 StepPlan plan_backward_step(const char* op, at::TensorList v, at::TensorList hvp, at::TensorList grads,
                             const LrSpec& lr_spec, at::TensorList lrs, const LrSpec& next_spec,
-                            at::TensorList next_lrs, double next_lr, bool has_next, at::Device device) {
+                            at::TensorList next_lrs, double next_lr, bool has_next, const FlagSpec& flag,
+                            at::Device device) {
   const size_t n = v.size();
   const bool want_lr_grad = lr_spec.form != LrForm::kNone;
   StepPlan plan;
@@ -112,6 +114,7 @@ StepPlan plan_backward_step(const char* op, at::TensorList v, at::TensorList hvp
       TensorEntry<7> e;
       e.numel = v[i].numel();
       if (e.numel == 0) continue;
+      e.flag = flag.at(i);
       e.addr[0] = address(v_c[i], device);
       e.addr[1] = address(h_c[i], device);
       e.addr[4] = address(plan.v_out[i], device);

@@ -8,6 +8,7 @@
 #include <pymaml/ops.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -63,7 +64,9 @@ struct HostLaunch {
           const O pv = static_cast<O>(p[i]);
           const O d = weight_decay != 0.0 ? static_cast<O>(gr[i]) + wd * pv : static_cast<O>(gr[i]);
           const O av = e.mode[0] == kElement ? static_cast<O>(a[i]) : a_s;
-          out[i] = static_cast<T>(pv - av * d);
+          const O o = pv - av * d;
+          out[i] = static_cast<T>(o);
+          if (!std::isfinite(o) && e.flag != nullptr) *e.flag = 1.0f;
         }
       }
     });
@@ -90,15 +93,19 @@ struct HostLaunch {
             const O x = static_cast<O>(v[i]);
             const O y = x - static_cast<O>(h[i]);
             vo[i] = static_cast<T>(y);
+            bool bad = !std::isfinite(y);
             if (e.mode[0] != kNone) {
               const O d = -(static_cast<O>(gr[i]) * x);
+              bad = bad || !std::isfinite(d);
               if (e.mode[0] == kElement) lg[i] = static_cast<LT>(d);
               else acc += d;
             }
             if (e.mode[1] != kNone) {
               const O a = e.mode[1] == kElement ? static_cast<O>(na[i]) : a_s;
               u[i] = static_cast<T>(a * y);
+              bad = bad || !std::isfinite(a * y);
             }
+            if (bad && e.flag != nullptr) *e.flag = 1.0f;
           }
           if (e.mode[0] == kReduce) partials[e.partial_base + c] = static_cast<double>(acc);
         }
@@ -119,17 +126,20 @@ struct HostLaunch {
 };
 
 std::vector<at::Tensor> host_sgd_update(at::TensorList params, at::TensorList grads, at::TensorList lrs,
-                                        std::optional<double> lr, double weight_decay, bool inplace) {
+                                        std::optional<double> lr, double weight_decay, bool inplace,
+                                        const std::optional<at::Tensor>& found_inf) {
   const char* op = lr ? (inplace ? "sgd_update_" : "sgd_update") : (inplace ? "sgd_update_lrs_" : "sgd_update_lrs");
   HostLaunch launch;
   const double lr_value = lr.value_or(0.0);
-  return run_sgd_update(op, params, grads, lr ? &lr_value : nullptr, lrs, weight_decay, inplace, at::kCPU, launch);
+  return run_sgd_update(op, params, grads, lr ? &lr_value : nullptr, lrs, weight_decay, inplace, found_inf, at::kCPU,
+                        launch);
 }
 
 StepResult host_backward_step(at::TensorList v, at::TensorList hvp, at::TensorList grads, at::TensorList lrs,
-                              at::TensorList next_lrs, double next_lr, bool has_next) {
+                              at::TensorList next_lrs, double next_lr, bool has_next,
+                              const std::optional<at::Tensor>& found_inf) {
   HostLaunch launch;
-  return run_backward_step(v, hvp, grads, lrs, next_lrs, next_lr, has_next, at::kCPU, launch);
+  return run_backward_step(v, hvp, grads, lrs, next_lrs, next_lr, has_next, found_inf, at::kCPU, launch);
 }
 
 std::string lr_form(c10::string_view op, at::TensorList lrs, at::TensorList params, bool allow_none) {
@@ -217,11 +227,11 @@ bool large_kernel_args(int64_t runtime_version, int64_t driver_version, int64_t 
 }  // namespace pymaml::device
 
 TORCH_LIBRARY(pymaml_testing, m) {
-  m.def("sgd_update(Tensor[] params, Tensor[] grads, Tensor[] lrs, float? lr, float weight_decay, bool inplace) "
-        "-> Tensor[]",
+  m.def("sgd_update(Tensor[] params, Tensor[] grads, Tensor[] lrs, float? lr, float weight_decay, bool inplace, "
+        "Tensor(a!)? found_inf=None) -> Tensor[]",
         &pymaml::device::host_sgd_update);
   m.def("backward_step(Tensor[] v, Tensor[] hvp, Tensor[] grads, Tensor[] lrs, Tensor[] next_lrs, float next_lr, "
-        "bool has_next) -> (Tensor[], Tensor[], Tensor[])",
+        "bool has_next, Tensor(a!)? found_inf=None) -> (Tensor[], Tensor[], Tensor[])",
         &pymaml::device::host_backward_step);
   m.def("lr_form(str op, Tensor[] lrs, Tensor[] params, bool allow_none) -> str", &pymaml::device::lr_form);
   m.def("tables(int[] numels, int depth, bool large) -> Tensor", &pymaml::device::tables);

@@ -17,8 +17,17 @@ TORCH_LIBRARY(pymaml, m) {
   // or one entry per parameter holding either one number or one number per element.
   m.def("sgd_update(Tensor[] params, Tensor[] grads, float lr, float weight_decay) -> Tensor[]");
   m.def("sgd_update_lrs(Tensor[] params, Tensor[] grads, Tensor[] lrs, float weight_decay) -> Tensor[]");
-  m.def("sgd_update_(Tensor(a!)[] params, Tensor[] grads, float lr, float weight_decay) -> ()");
-  m.def("sgd_update_lrs_(Tensor(a!)[] params, Tensor[] grads, Tensor[] lrs, float weight_decay) -> ()");
+  m.def("sgd_update_(Tensor(a!)[] params, Tensor[] grads, float lr, float weight_decay, *, "
+        "Tensor(b!)? found_inf=None) -> ()");
+  m.def("sgd_update_lrs_(Tensor(a!)[] params, Tensor[] grads, Tensor[] lrs, float weight_decay, *, "
+        "Tensor(b!)? found_inf=None) -> ()");
+  // The same with the non-finite flag found_inf (contract in ops.h), set in the same pass. Overloads,
+  // not an optional argument of the default ones: an op that mutates an argument cannot have the
+  // autograd formula the default overloads carry, so these are for no-grad use.
+  m.def("sgd_update.found_inf(Tensor[] params, Tensor[] grads, float lr, float weight_decay, *, "
+        "Tensor(a!) found_inf) -> Tensor[]");
+  m.def("sgd_update_lrs.found_inf(Tensor[] params, Tensor[] grads, Tensor[] lrs, float weight_decay, *, "
+        "Tensor(a!) found_inf) -> Tensor[]");
 
   // One step of the adjoint recursion: v_out = v − hvp; lr_grad = −g ⊙ v reduced to the form of
   // `lrs` (empty `lrs`: α is a fixed float, no lr_grad); u_next = α_next ⊙ v_out where α_next is
@@ -26,6 +35,9 @@ TORCH_LIBRARY(pymaml, m) {
   m.def(
       "backward_step(Tensor[] v, Tensor[] hvp, Tensor[] grads, Tensor[] lrs, Tensor[] next_lrs, "
       "float next_lr, bool has_next) -> (Tensor[] v_out, Tensor[] lr_grad, Tensor[] u_next)");
+  m.def(
+      "backward_step.found_inf(Tensor[] v, Tensor[] hvp, Tensor[] grads, Tensor[] lrs, Tensor[] next_lrs, "
+      "float next_lr, bool has_next, *, Tensor(a!) found_inf) -> (Tensor[] v_out, Tensor[] lr_grad, Tensor[] u_next)");
 
   // Central finite differences; the step is eps * eps_scale where eps_scale (a one-element tensor,
   // e.g. 1/‖u‖) stays on the device.

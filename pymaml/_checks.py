@@ -128,6 +128,28 @@ def check_step(op: str, v, hvp, grads, lr: LrLike, next_lr):
     return v, hvp, grads, kind, lr, nkind, nlr
 
 
+def check_found_inf(op: str, name: str, found_inf, tensors: Sequence[Tensor]):
+    """The optional non-finite flag of the fused ops: None, or a float32 tensor on the device of
+    ``tensors`` holding one number or one per tensor (shape (n,)). Returns it."""
+    if found_inf is None:
+        return None
+    if not isinstance(found_inf, Tensor):
+        raise TypeError(f"{op}: found_inf must be a Tensor or None, got {type(found_inf).__name__}")
+    if found_inf.dtype != torch.float32:
+        raise TypeError(f"{op}: found_inf has dtype {found_inf.dtype}; it must be torch.float32")
+    n = len(tensors)
+    if found_inf.numel() != 1 and not (found_inf.dim() == 1 and found_inf.numel() == n):
+        raise ValueError(f"{op}: found_inf has shape {tuple(found_inf.shape)}; it must hold one number, "
+                         f"or one per tensor of {name} (shape ({n},))")
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: found_inf needs every tensor of {name} on one device, got "
+                         f"{sorted(map(str, devices))}")
+    if n and found_inf.device != tensors[0].device:
+        raise ValueError(f"{op}: found_inf is on {found_inf.device} but {name}[0] is on {tensors[0].device}")
+    return found_inf
+
+
 def check_eps(op: str, eps) -> None:
     """A non-zero float or a one-element Tensor."""
     if isinstance(eps, Tensor):

@@ -7,6 +7,9 @@ Imported once by ``pymaml._backend`` right after ``pymaml._C`` loads (the schema
   differentiable torch ops, so gradients of gradients (gradgradcheck, MAML through an unrolled
   graph) work through the out-of-place ops. In-place ops (``sgd_update_``, ``sgd_update_lrs_``,
   ``clip_grad_norm_``) have no autograd: ``pymaml.ops`` refuses them on tensors that require grad.
+  Neither have the ``found_inf`` overloads (``sgd_update.found_inf``, ``sgd_update_lrs.found_inf``,
+  ``backward_step.found_inf``), which mutate their flag: ``pymaml.ops`` calls them without autograd
+  only.
 * BatchNorm (``batch_norm`` → ``batch_norm_backward`` → ``batch_norm_double_backward``): the
   derivative chain of :mod:`pymaml.reference.batchnorm`, with the compiled ops as its links.
 * ``linear_head_hvp``: a fake kernel and a vmap rule (its autograd kernel is in C++: the outputs
@@ -64,20 +67,42 @@ def _(params, grads, lrs, weight_decay):
     return _like(params)
 
 
+def _flag(found_inf):
+    return [] if found_inf is None else [found_inf]
+
+
+@torch.library.register_fake("pymaml::sgd_update.found_inf")
+def _(params, grads, lr, weight_decay, *, found_inf):
+    _one_device("sgd_update", params, grads, _flag(found_inf))
+    return _like(params)
+
+
+@torch.library.register_fake("pymaml::sgd_update_lrs.found_inf")
+def _(params, grads, lrs, weight_decay, *, found_inf):
+    _one_device("sgd_update_lrs", params, grads, _device_lrs(lrs, len(params)), _flag(found_inf))
+    return _like(params)
+
+
 @torch.library.register_fake("pymaml::sgd_update_")
-def _(params, grads, lr, weight_decay):
-    _one_device("sgd_update_", params, grads)
+def _(params, grads, lr, weight_decay, *, found_inf=None):
+    _one_device("sgd_update_", params, grads, _flag(found_inf))
     return None
 
 
 @torch.library.register_fake("pymaml::sgd_update_lrs_")
-def _(params, grads, lrs, weight_decay):
-    _one_device("sgd_update_lrs_", params, grads, _device_lrs(lrs, len(params)))
+def _(params, grads, lrs, weight_decay, *, found_inf=None):
+    _one_device("sgd_update_lrs_", params, grads, _device_lrs(lrs, len(params)), _flag(found_inf))
     return None
 
 
+@torch.library.register_fake("pymaml::backward_step.found_inf")
+def _(v, hvp, grads, lrs, next_lrs, next_lr, has_next, *, found_inf):
+    _one_device("backward_step", v, hvp, grads, _flag(found_inf))
+    return _step_fake(v, hvp, grads, lrs, next_lrs, next_lr, has_next)
+
+
 @torch.library.register_fake("pymaml::backward_step")
-def _(v, hvp, grads, lrs, next_lrs, next_lr, has_next):
+def _step_fake(v, hvp, grads, lrs, next_lrs, next_lr, has_next):
     _one_device("backward_step", v, hvp, grads, _device_lrs(lrs, len(v)), _device_lrs(next_lrs, len(v)))
     # shared: one entry shaped like lrs[0]; per parameter: like each entry, per element laid out
     # like v[i] in the dtype of lrs[i]

@@ -58,12 +58,19 @@ class MetaOptimizer:
             ``.grad`` the meta-gradient of the whole meta-batch, and :meth:`step` checks every
             ``check_every`` steps that the parameters are still identical on every rank
             (:class:`pymaml.distributed.ParameterDriftError` otherwise; 0: never).
-        nonfinite: what :meth:`step` does when a meta-gradient holds NaN or Inf: ``"raise"``
-            (default without a scaler: a ``FloatingPointError`` naming the parameters and the outer
-            step, nothing updated), ``"skip"`` (default with a scaler: no outer update, counted in
-            ``skipped_steps``, as ``torch.amp.GradScaler`` skips), or ``"allow"`` (no check; not
-            with a scaler, which always skips). The check is one reduction on the device per outer
-            step and one read of its flag; the inner loop is not checked.
+        nonfinite: what :meth:`step` does when a NaN or Inf appears in an inner-loop gradient, a
+            Hessian-vector product or the meta-gradient: ``"raise"`` (default without a scaler: a
+            ``FloatingPointError`` naming the op, the inner or adjoint step where it first appeared,
+            the parameters and the outer step; nothing updated), ``"skip"`` (default with a scaler:
+            no outer update, counted in ``skipped_steps``, as ``torch.amp.GradScaler`` skips), or
+            ``"allow"`` (no check; not with a scaler, which always skips). The fused inner-loop and
+            adjoint ops set per-step flags on the device as they pass over the data (no host sync
+            inside the meta-gradient); :meth:`step` reads them, with one device-side check of the
+            meta-gradient, once per outer step. With ``"skip"`` and an outer optimizer that takes
+            GradScaler's ``found_inf`` (``fused=True`` SGD, Adam, AdamW, Adagrad), nothing is read:
+            the optimizer skips on the device and ``skipped_steps`` is read from the device when
+            asked. With ``distributed=True``, and with a scaler (whose scaled adjoint may overflow
+            by design), only the meta-gradient decides.
         scaler: a ``torch.amp.GradScaler`` for float16 autocast. :meth:`backward` multiplies the
             query losses by the scaler's scale before differentiating (the support losses, and so
             the inner loop, are not scaled), :meth:`step` unscales the gradients once
@@ -89,7 +96,8 @@ class MetaOptimizer:
         if nonfinite == "allow" and self.scaler is not None:
             raise ValueError("MetaOptimizer: nonfinite='allow' cannot be honoured with a GradScaler, which skips "
                              "every step whose gradients are not finite; use 'skip' or 'raise'")
-        self.nonfinite, self.skipped_steps = nonfinite, 0
+        self.nonfinite, self._skipped, self._skipped_on_device = nonfinite, 0, None
+        self._flags = None  # the StepFlags of the last meta-gradient
         if distributed and not _dist.is_initialized():
             raise RuntimeError("MetaOptimizer(distributed=True): torch.distributed is not initialized; call "
                                "pymaml.distributed.init_from_env() (under torchrun) or "
@@ -151,6 +159,7 @@ class MetaOptimizer:
         if self.distributed:
             return self._distributed_backward(tasks)
         res = self._meta_gradient(tasks)
+        self._flags = res.nonfinite
         own = dict(self.algorithm.named_parameters())
         for name, p in self.model.named_parameters():
             g = res.grads.get(name)
@@ -180,6 +189,7 @@ class MetaOptimizer:
         grads, stats, acc = {}, [0.0, 0.0, 0.0], None
         if n > 0:
             res = self._meta_gradient(tasks)
+            self._flags = res.nonfinite
             grads = dict(res.grads)
             grads.update({"algorithm." + k: g for k, g in res.extra_grads.items()})
             acc = query_accuracy(tasks, res.query_outputs)
@@ -199,24 +209,37 @@ class MetaOptimizer:
     def step(self, tasks) -> Dict[str, float]:
         """zero_grad, :meth:`backward`, optional clipping, ``outer_optimizer.step()``."""
         self.zero_grad()
+        self._flags = None
         stats = self.backward(tasks)
         if self.scaler is not None:
             return self._scaled_step(stats)
-        if self.nonfinite != "allow" and self._has_nonfinite_grad():
-            if self.nonfinite == "raise":
-                bad = [n for n, p in self._named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]
-                raise FloatingPointError(
-                    f"MetaOptimizer.step: the meta-gradient of {bad} holds NaN or Inf at outer step "
-                    f"{self.steps_done}; nothing was updated. Pass nonfinite='skip' to skip such steps "
-                    "(counted in skipped_steps) or nonfinite='allow' to apply them")
-            self.skipped_steps += 1
-            self.zero_grad()
-            stats["skipped"] = 1.0
-            return stats
+        found_inf = None
+        if self.nonfinite == "skip" and getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            found_inf = self._found_inf_on_device()
+        if self.nonfinite != "allow" and found_inf is None:
+            where = self._find_nonfinite()
+            if where is not None:
+                if self.nonfinite == "raise":
+                    raise FloatingPointError(
+                        f"MetaOptimizer.step: NaN or Inf at outer step {self.steps_done}: {where}; nothing was "
+                        "updated. Pass nonfinite='skip' to skip such steps (counted in skipped_steps) or "
+                        "nonfinite='allow' to apply them")
+                self._skipped += 1
+                self.zero_grad()
+                stats["skipped"] = 1.0
+                return stats
         if self.max_grad_norm is not None:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             stats["grad_norm"] = float(ops.clip_grad_norm_(grads, self.max_grad_norm))
-        self.optimizer.step()
+        if found_inf is None:
+            self.optimizer.step()
+        else:  # GradScaler's protocol: the fused kernels skip the update on the device when found_inf != 0
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, found_inf
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+            self._skipped_on_device = found_inf if self._skipped_on_device is None else self._skipped_on_device + found_inf
         self.steps_done += 1
         if self.distributed and self.check_every and self.steps_done % self.check_every == 0:
             self.check_in_sync()
@@ -229,19 +252,18 @@ class MetaOptimizer:
         if self.max_grad_norm is not None:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             stats["grad_norm"] = float(ops.clip_grad_norm_(grads, self.max_grad_norm))
-        bad = None
-        if self.nonfinite == "raise" and self._has_nonfinite_grad():
-            bad = [n for n, p in self._named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]
+        # The scaled adjoint may overflow by design (the scaler then backs off): the meta-gradient decides.
+        where = self._find_nonfinite(use_flags=False) if self.nonfinite == "raise" else None
         scaler.step(self.optimizer)
         scaler.update()
         stats["loss_scale"] = scale
         if scaler.get_scale() < scale:  # the scaler backs off exactly when it skipped the step
-            if bad is not None:
+            if where is not None:
                 raise FloatingPointError(
-                    f"MetaOptimizer.step: the meta-gradient of {bad} holds NaN or Inf at outer step "
-                    f"{self.steps_done} (loss scale {scale:g}); nothing was updated. With a GradScaler "
-                    "pass nonfinite='skip' (the default) to skip such steps and lower the scale")
-            self.skipped_steps += 1
+                    f"MetaOptimizer.step: {where} at outer step {self.steps_done} (loss scale {scale:g}); "
+                    "nothing was updated. With a GradScaler pass nonfinite='skip' (the default) to skip such "
+                    "steps and lower the scale")
+            self._skipped += 1
             self.zero_grad()
             stats["skipped"] = 1.0
             return stats
@@ -255,12 +277,56 @@ class MetaOptimizer:
         for n, p in self.algorithm.named_parameters():
             yield "algorithm." + n, p
 
-    def _has_nonfinite_grad(self) -> bool:
-        """Whether some ``.grad`` holds NaN or Inf: a flag reduced on the device, read once."""
-        flags = [p.grad.isfinite().all() for p in self.parameters() if p.grad is not None]
-        if not flags:
-            return False
-        return not bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+    @property
+    def skipped_steps(self) -> int:
+        """Outer steps skipped for NaN or Inf (waits for the device when it decided the skips)."""
+        n = self._skipped
+        if self._skipped_on_device is not None:
+            n += int(self._skipped_on_device.item())
+        return n
+
+    @skipped_steps.setter
+    def skipped_steps(self, n: int) -> None:
+        self._skipped, self._skipped_on_device = int(n), None
+
+    def _step_flags(self):
+        """The last meta-gradient's StepFlags when they may decide (not distributed: they are this
+        rank's own), else None."""
+        return None if self.distributed else self._flags
+
+    def _found_inf_on_device(self) -> Optional[Tensor]:
+        """A 0-d float32 flag, 1 when the meta-gradient or a step flag holds NaN or Inf, computed
+        on the device without a read; None when the parameters span several devices."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        flags = self._step_flags()
+        devices = {g.device for g in grads} | ({flags.flags.device} if flags is not None else set())
+        if len(devices) != 1:
+            return None
+        bad = torch.stack([~g.isfinite().all() for g in grads]).any() if grads else flags.flags.new_zeros((), dtype=torch.bool)
+        if flags is not None:
+            bad = bad | (flags.flags != 0).any()
+        return bad.to(torch.float32)
+
+    def _find_nonfinite(self, use_flags: bool = True) -> Optional[str]:
+        """None when every ``.grad`` (and step flag, with ``use_flags``) is finite, else where the
+        NaN or Inf first appeared and which meta-gradients hold one. One device-side reduction,
+        one read."""
+        named = [(n, p.grad) for n, p in self._named_parameters() if p.grad is not None]
+        flags = self._step_flags() if use_flags else None
+        if not named and flags is None:
+            return None
+        dev = named[0][1].device if named else flags.flags.device
+        parts = [torch.stack([g.isfinite().all().to(dev) for _, g in named]).float().flatten()] if named else []
+        if flags is not None:
+            parts.append(flags.flags.flatten().to(dev))
+        host = torch.cat(parts).cpu()  # the one read per outer step
+        bad = [n for (n, _), ok in zip(named, host[:len(named)].tolist()) if not ok]
+        first = flags.first(host[len(named):].view(flags.flags.shape)) if flags is not None else None
+        if not bad and first is None:
+            return None
+        where = [f"first in {first}"] if first else []
+        where.append(f"the meta-gradient of {bad} holds NaN or Inf" if bad else "the meta-gradient is finite")
+        return "; ".join(where)
 
     def check_in_sync(self) -> None:
         """Raises :class:`pymaml.distributed.ParameterDriftError` on every rank when the parameters

@@ -24,10 +24,13 @@ struct StepItem {
   void* lr_grad;         // per-element −g ⊙ v, or nullptr
   at::ScalarType grad_dtype;
   bool reduce;           // accumulate Σ −g ⊙ v into the segment's partial
+  float* flag;           // found_inf entry for this tensor, or nullptr
 };
 
-template <typename T, typename NT, typename GT>
-double step_segment(const StepItem& it, int64_t lo, int64_t hi) {
+// Returns the segment's partial Σ −g ⊙ v (when it.reduce). With kCheck, sets *bad when some v_out,
+// −g ⊙ v or u_next (in opmath, before rounding) is NaN or ±Inf.
+template <typename T, typename NT, typename GT, bool kCheck>
+double step_segment(const StepItem& it, int64_t lo, int64_t hi, bool* bad) {
   using opm = at::opmath_type<T>;
   using V = Vectorized<opm>;
   constexpr bool kStaged = !std::is_same_v<T, opm>;
@@ -43,7 +46,7 @@ double step_segment(const StepItem& it, int64_t lo, int64_t hi) {
   const NT* na = it.next_lr ? static_cast<const NT*>(it.next_lr) + lo : nullptr;
   GT* lg = it.lr_grad ? static_cast<GT*>(it.lr_grad) + lo : nullptr;
   const V a_s(static_cast<opm>(it.next_alpha));
-  V acc(opm(0));
+  V acc(opm(0)), nf(opm(0));
   const int64_t n = hi - lo;
   for (int64_t b = 0; b < n; b += B) {
     const int64_t m = std::min(B, n - b);
@@ -60,24 +63,33 @@ double step_segment(const StepItem& it, int64_t lo, int64_t hi) {
         const V x = V::loadu(Vv + i, c);
         const V y = x - V::loadu(H + i, c);
         y.store(VO + i, c);
-        (V(opm(0)) - V::loadu(G + i, c) * x).store(LG + i, c);
-        (V::loadu(NA + i, c) * y).store(U + i, c);
+        const V d = V(opm(0)) - V::loadu(G + i, c) * x, un = V::loadu(NA + i, c) * y;
+        d.store(LG + i, c);
+        un.store(U + i, c);
+        if constexpr (kCheck) nf = nf + (nonfinite_probe(y) + nonfinite_probe(d) + nonfinite_probe(un));
       });
     } else vec_loop<opm>(m, [&](int64_t i, int64_t c) {
       const V x = V::loadu(Vv + i, c);
       const V y = x - V::loadu(H + i, c);
       y.store(VO + i, c);
+      if constexpr (kCheck) nf = nf + nonfinite_probe(y);
       if (G) {
         const V gv = V::loadu(G + i, c) * x;
         if (LG) (V(opm(0)) - gv).store(LG + i, c);
         if (it.reduce) acc = acc + gv;  // loadu zero-fills a partial tail
+        if constexpr (kCheck) nf = nf + nonfinite_probe(gv);
       }
-      if (U) (NA ? V::loadu(NA + i, c) * y : a_s * y).store(U + i, c);
+      if (U) {
+        const V un = NA ? V::loadu(NA + i, c) * y : a_s * y;
+        un.store(U + i, c);
+        if constexpr (kCheck) nf = nf + nonfinite_probe(un);
+      }
     });
     stage_store(vo + b, VO, m);
     if (U) stage_store(u + b, U, m);
     if (LG) stage_store(lg + b, LG, m);
   }
+  if constexpr (kCheck) *bad = any_nonfinite(nf);
   if (!it.reduce) return 0.0;
   opm lanes[V::size()];
   acc.store(lanes);
@@ -98,12 +110,14 @@ at::Tensor next_alpha(const LrSpec& spec, at::TensorList next_lrs, size_t i, dou
   return opmath_or_same(next_lrs[i], ref);
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> backward_step(
-    at::TensorList v, at::TensorList hvp, at::TensorList grads, at::TensorList lrs, at::TensorList next_lrs,
-    double next_lr, bool has_next) {
+using StepOut = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+StepOut run_step(at::TensorList v, at::TensorList hvp, at::TensorList grads, at::TensorList lrs,
+                 at::TensorList next_lrs, double next_lr, bool has_next, const std::optional<at::Tensor>& found_inf) {
   const char* op = "backward_step";
   check_pairs(op, {"v", "hvp", "grads"}, {v, hvp, grads});
   check_cpu(op, "v", v);
+  const FlagSpec flag = check_found_inf(op, "v", found_inf, v);
   const LrSpec spec = classify_lrs(op, "lr", lrs, v, /*allow_none=*/true);
   const LrSpec nspec = has_next ? classify_lrs(op, "next_lr", next_lrs, v, /*allow_none=*/true) : LrSpec{};
   for (auto [sp, list, name] : {std::make_tuple(spec, lrs, "lr"), std::make_tuple(nspec, next_lrs, "next_lr")}) {
@@ -142,6 +156,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
         keep.push_back(std::move(na));
       }
     }
+    it.flag = flag.at(i);
     it.lr_grad = nullptr;
     it.grad_dtype = it.dtype;
     it.reduce = kind == LrForm::kShared || (kind == LrForm::kPerParam && !spec.per_element(lrs, i));
@@ -170,7 +185,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
       using NT = std::remove_pointer_t<decltype(n_tag)>;
       dispatch_t_lt(it.dtype, it.grad_dtype, [&](auto*, auto* g_tag) {
         using GT = std::remove_pointer_t<decltype(g_tag)>;
-        partial[si] = step_segment<T, NT, GT>(it, s.lo, s.hi);
+        bool bad = false;
+        partial[si] = it.flag != nullptr ? step_segment<T, NT, GT, true>(it, s.lo, s.hi, &bad)
+                                         : step_segment<T, NT, GT, false>(it, s.lo, s.hi, &bad);
+        if (bad) raise_flag(it.flag);
       });
     });
   });
@@ -189,10 +207,21 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   return {std::move(v_out), std::move(lr_grad), std::move(u_next)};
 }
 
+StepOut backward_step(at::TensorList v, at::TensorList hvp, at::TensorList grads, at::TensorList lrs,
+                      at::TensorList next_lrs, double next_lr, bool has_next) {
+  return run_step(v, hvp, grads, lrs, next_lrs, next_lr, has_next, std::nullopt);
+}
+
+StepOut backward_step_flagged(at::TensorList v, at::TensorList hvp, at::TensorList grads, at::TensorList lrs,
+                              at::TensorList next_lrs, double next_lr, bool has_next, const at::Tensor& found_inf) {
+  return run_step(v, hvp, grads, lrs, next_lrs, next_lr, has_next, found_inf);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace pymaml
 
 TORCH_LIBRARY_IMPL(pymaml, CPU, m) {
   m.impl("backward_step", &pymaml::cpu::backward_step);
+  m.impl("backward_step.found_inf", &pymaml::cpu::backward_step_flagged);
 }

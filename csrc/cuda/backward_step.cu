@@ -20,6 +20,8 @@ namespace {
 // 4 v_out (T), 5 per-element lr_grad (LT), 6 u_next (T).
 // mode[0] (lr_grad): kNone, kReduce (partials[partial_base + chunk]) or kElement (slot 5).
 // mode[1] (α_next): kNone (no u_next), kArg (next_lr), kDevice (*scalar[1]) or kElement (slot 3).
+// flag: found_inf, set when a v_out, −g ⊙ v (when lr_grad is computed) or u_next (in opmath, before
+// rounding) is NaN or ±Inf.
 template <typename T, typename LT>
 struct BackwardStepFunctor {
   using O = at::opmath_type<T>;
@@ -42,6 +44,8 @@ struct BackwardStepFunctor {
                                        : static_cast<O>(next_lr);
     const bool vec = is_aligned(v) && is_aligned(h) && is_aligned(g) && is_aligned(na) && is_aligned(vo) &&
                      is_aligned(lg) && is_aligned(u);
+    float* const flag = m.flag[c.t];
+    bool bad = false;
     const int64_t n = c.n;
     O acc = O(0);
     walk_chunk(n, vec, [&](auto vec_tag, int64_t i0, int64_t stride) {
@@ -52,11 +56,13 @@ struct BackwardStepFunctor {
 #pragma unroll
       for (int k = 0; k < kILP; ++k) rh[k] = sub_rn(rv[k], rh[k]);  // rh is now v_out
       store<kVec>(vo, rh, i0, stride, n);
+      if (flag != nullptr) bad |= any_nonfinite<kVec>(rh, i0, stride, n);
       if (lr_mode != kNone) {
         O rg[kILP];
         load<kVec>(rg, g, i0, stride, n);
 #pragma unroll
         for (int k = 0; k < kILP; ++k) rg[k] = -mul_rn(rg[k], rv[k]);
+        if (flag != nullptr) bad |= any_nonfinite<kVec>(rg, i0, stride, n);
         if (lr_mode == kElement) {
           store<kVec>(lg, rg, i0, stride, n);
         } else {
@@ -75,8 +81,10 @@ struct BackwardStepFunctor {
 #pragma unroll
         for (int k = 0; k < kILP; ++k) ra[k] = mul_rn(ra[k], rh[k]);
         store<kVec>(u, ra, i0, stride, n);
+        if (flag != nullptr) bad |= any_nonfinite<kVec>(ra, i0, stride, n);
       }
     });
+    raise_flag(flag, bad);
     if (lr_mode == kReduce) {  // uniform over the block, so every thread reaches block_sum
       const O s = block_sum(acc);
       if (threadIdx.x == 0) partials[m.partial_base[c.t] + c.chunk] = static_cast<double>(s);
@@ -111,11 +119,22 @@ struct StepLaunch {
   }
 };
 
-StepResult backward_step_cuda(at::TensorList v, at::TensorList hvp, at::TensorList grads, at::TensorList lrs,
-                              at::TensorList next_lrs, double next_lr, bool has_next) {
+StepResult run_step(at::TensorList v, at::TensorList hvp, at::TensorList grads, at::TensorList lrs,
+                    at::TensorList next_lrs, double next_lr, bool has_next, const std::optional<at::Tensor>& found_inf) {
   const auto guard = guard_for(v);
   StepLaunch launch;
-  return run_backward_step(v, hvp, grads, lrs, next_lrs, next_lr, has_next, at::kCUDA, launch);
+  return run_backward_step(v, hvp, grads, lrs, next_lrs, next_lr, has_next, found_inf, at::kCUDA, launch);
+}
+
+StepResult backward_step_cuda(at::TensorList v, at::TensorList hvp, at::TensorList grads, at::TensorList lrs,
+                              at::TensorList next_lrs, double next_lr, bool has_next) {
+  return run_step(v, hvp, grads, lrs, next_lrs, next_lr, has_next, std::nullopt);
+}
+
+StepResult backward_step_flagged_cuda(at::TensorList v, at::TensorList hvp, at::TensorList grads, at::TensorList lrs,
+                                      at::TensorList next_lrs, double next_lr, bool has_next,
+                                      const at::Tensor& found_inf) {
+  return run_step(v, hvp, grads, lrs, next_lrs, next_lr, has_next, found_inf);
 }
 
 }  // namespace
@@ -123,4 +142,5 @@ StepResult backward_step_cuda(at::TensorList v, at::TensorList hvp, at::TensorLi
 
 TORCH_LIBRARY_IMPL(pymaml, CUDA, m) {
   m.impl("backward_step", &pymaml::cuda::backward_step_cuda);
+  m.impl("backward_step.found_inf", &pymaml::cuda::backward_step_flagged_cuda);
 }

@@ -181,6 +181,22 @@ __device__ __forceinline__ void walk_chunk(int64_t n, bool vec, Step&& step) {
   }
 }
 
+// The non-finite flag (ops.h: found_inf). Whether one of the kILP values that exist (on the vector
+// path, all of them) is NaN or ±Inf.
+template <bool kVec, typename O>
+__device__ __forceinline__ bool any_nonfinite(const O (&r)[kILP], int64_t i0, int64_t stride, int64_t n) {
+  bool bad = false;
+#pragma unroll
+  for (int k = 0; k < kILP; ++k) bad |= (kVec || i0 + k * stride < n) && !isfinite(r[k]);
+  return bad;
+}
+
+// Sets the flag (nullptr: none). A plain, relaxed store: every writer stores the same value, nothing
+// orders it against other memory, and the host reads it only after the stream has passed the kernel.
+__device__ __forceinline__ void raise_flag(float* flag, bool bad) {
+  if (bad && flag != nullptr) *flag = 1.0f;
+}
+
 // Separately rounded arithmetic. nvcc contracts a * b + c into one FMA by default; the reference
 // rounds every operation, so the element-wise results here are bitwise those of pymaml.reference
 // for every dtype. (The build does not use --use_fast_math: it would flush subnormals to zero.)

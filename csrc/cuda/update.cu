@@ -16,7 +16,8 @@ namespace pymaml::cuda {
 namespace {
 
 // Slots: 0 θ (T), 1 g (T), 2 per-element α (LT, kElement only), 3 θ' (T; may equal slot 0).
-// mode[0]: kArg (α = lr), kDevice (α = *scalar[0]) or kElement.
+// mode[0]: kArg (α = lr), kDevice (α = *scalar[0]) or kElement. flag: found_inf, set when a θ' (in
+// opmath, before rounding) is NaN or ±Inf.
 template <typename T, typename LT>
 struct SgdFunctor {
   using O = at::opmath_type<T>;
@@ -36,6 +37,8 @@ struct SgdFunctor {
     const O wd = static_cast<O>(weight_decay);
     const bool has_wd = weight_decay != 0.0;
     const bool vec = is_aligned(p) && is_aligned(g) && is_aligned(out) && (!elem || is_aligned(a));
+    float* const flag = m.flag[c.t];
+    bool bad = false;
     const int64_t n = c.n;
     walk_chunk(n, vec, [&](auto vec_tag, int64_t i0, int64_t stride) {
       constexpr bool kVec = decltype(vec_tag)::value;
@@ -54,7 +57,9 @@ struct SgdFunctor {
         rp[k] = sub_rn(rp[k], mul_rn(ra[k], d));
       }
       store<kVec>(out, rp, i0, stride, n);
+      if (flag != nullptr) bad |= any_nonfinite<kVec>(rp, i0, stride, n);
     });
+    raise_flag(flag, bad);
   }
 };
 
@@ -75,10 +80,11 @@ struct SgdLaunch {
 };
 
 std::vector<at::Tensor> run(const char* op, at::TensorList params, at::TensorList grads, const double* lr,
-                            at::TensorList lrs, double weight_decay, bool inplace) {
+                            at::TensorList lrs, double weight_decay, bool inplace,
+                            const std::optional<at::Tensor>& found_inf = std::nullopt) {
   const auto guard = guard_for(params);
   SgdLaunch launch;
-  return run_sgd_update(op, params, grads, lr, lrs, weight_decay, inplace, at::kCUDA, launch);
+  return run_sgd_update(op, params, grads, lr, lrs, weight_decay, inplace, found_inf, at::kCUDA, launch);
 }
 
 std::vector<at::Tensor> sgd_update_cuda(at::TensorList params, at::TensorList grads, double lr,
@@ -91,12 +97,24 @@ std::vector<at::Tensor> sgd_update_lrs_cuda(at::TensorList params, at::TensorLis
   return run("sgd_update_lrs", params, grads, nullptr, lrs, weight_decay, false);
 }
 
-void sgd_update__cuda(at::TensorList params, at::TensorList grads, double lr, double weight_decay) {
-  run("sgd_update_", params, grads, &lr, {}, weight_decay, true);
+std::vector<at::Tensor> sgd_update_flagged_cuda(at::TensorList params, at::TensorList grads, double lr,
+                                                double weight_decay, const at::Tensor& found_inf) {
+  return run("sgd_update", params, grads, &lr, {}, weight_decay, false, found_inf);
 }
 
-void sgd_update_lrs__cuda(at::TensorList params, at::TensorList grads, at::TensorList lrs, double weight_decay) {
-  run("sgd_update_lrs_", params, grads, nullptr, lrs, weight_decay, true);
+std::vector<at::Tensor> sgd_update_lrs_flagged_cuda(at::TensorList params, at::TensorList grads, at::TensorList lrs,
+                                                    double weight_decay, const at::Tensor& found_inf) {
+  return run("sgd_update_lrs", params, grads, nullptr, lrs, weight_decay, false, found_inf);
+}
+
+void sgd_update__cuda(at::TensorList params, at::TensorList grads, double lr, double weight_decay,
+                      const std::optional<at::Tensor>& found_inf) {
+  run("sgd_update_", params, grads, &lr, {}, weight_decay, true, found_inf);
+}
+
+void sgd_update_lrs__cuda(at::TensorList params, at::TensorList grads, at::TensorList lrs, double weight_decay,
+                          const std::optional<at::Tensor>& found_inf) {
+  run("sgd_update_lrs_", params, grads, nullptr, lrs, weight_decay, true, found_inf);
 }
 
 }  // namespace
@@ -107,4 +125,6 @@ TORCH_LIBRARY_IMPL(pymaml, CUDA, m) {
   m.impl("sgd_update_lrs", &pymaml::cuda::sgd_update_lrs_cuda);
   m.impl("sgd_update_", &pymaml::cuda::sgd_update__cuda);
   m.impl("sgd_update_lrs_", &pymaml::cuda::sgd_update_lrs__cuda);
+  m.impl("sgd_update.found_inf", &pymaml::cuda::sgd_update_flagged_cuda);
+  m.impl("sgd_update_lrs.found_inf", &pymaml::cuda::sgd_update_lrs_flagged_cuda);
 }

@@ -33,6 +33,8 @@ class MetaStep:
     query_outputs  per task, the model's output on its query set after adaptation
     support_loss mean support loss before adaptation (0-d)
     info         what ran: engine, hvp, task_batching, and algorithm-specific entries
+    nonfinite    where the fused inner-loop and adjoint ops met NaN or Inf, on the device
+                 (:class:`pymaml.functional.nonfinite.StepFlags`), or None when not recorded
     """
     grads: Dict[str, Tensor]
     extra_grads: Dict[str, Tensor]
@@ -40,6 +42,7 @@ class MetaStep:
     query_outputs: List[Tensor]
     support_loss: Tensor
     info: Dict[str, object] = field(default_factory=dict)
+    nonfinite: object = None
 
 
 def as_tasks(tasks) -> Union[Task, List[Task]]:
@@ -193,7 +196,8 @@ class Algorithm(nn.Module):
         return MetaStep(grads=res.grads, extra_grads=self.lr_grads_to_params(res.lr_grads),
                         query_loss=res.query_loss, query_outputs=res.query_outputs, support_loss=res.support_loss,
                         info={"engine": res.engine, "hvp": res.hvp, "task_batching": res.task_batching,
-                              "memory_format": res.memory_format, "batch_norm": res.batch_norm})
+                              "memory_format": res.memory_format, "batch_norm": res.batch_norm},
+                        nonfinite=res.nonfinite)
 
     def lr_grads_to_params(self, lr_grads) -> Dict[str, Tensor]:
         """Maps the engine's ``lr_grads`` (in the structure of ``step_sizes``) to our parameters."""

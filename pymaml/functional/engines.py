@@ -50,6 +50,7 @@ from .batching import Unit, make_units
 from .buffers import RngTape, batch_norm_policy, check_policy, has_randomness
 from .hessian import HVP_METHODS, StepGraph, hessian_vector_product, loss_and_grad
 from .inner import LrPlan, split_params
+from .nonfinite import StepFlags
 from .sweep import Setup, Steps, UnitResult, adjoint_sweep, forward_sweep
 
 __all__ = ["MetaGradient", "meta_gradient", "ENGINES", "DEFAULT_HVP"]
@@ -72,6 +73,9 @@ class MetaGradient:
     support_loss   mean over tasks of L_s(θ_0), 0-d
     meta_loss      mean over tasks of the meta-loss (Σ_i w_i L_q(θ_i) with step weights, else query_loss)
     engine, hvp, task_batching, memory_format, batch_norm   what actually ran
+    nonfinite      where the fused ops met NaN or Inf, on the device (None when not recorded: no
+                   inner steps, or parameters on several devices); see
+                   :class:`pymaml.functional.nonfinite.StepFlags`. Reading it is the caller's choice.
     """
     grads: Dict[str, Tensor]
     lr_grads: object
@@ -84,6 +88,7 @@ class MetaGradient:
     task_batching: str = ""
     memory_format: str = ""
     batch_norm: str = ""
+    nonfinite: Optional[StepFlags] = None
 
 
 class _Acc:
@@ -139,7 +144,7 @@ def _unrolled(unit: Unit, setup: Setup) -> UnitResult:
                 s_loss = loss.detach()
             g = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
             g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, theta)]
-            theta = ops.sgd_update(theta, g, plan.step_lr(i, T), wd)
+            theta = ops.sgd_update(theta, g, plan.step_lr(i, T), wd, found_inf=setup.flag(0, i))
             if weights is not None and i + 1 < steps:
                 with counted():
                     lq, _ = unit.loss(theta, ph_leaf, "q")
@@ -386,7 +391,8 @@ def _meta_gradient(model, tasks, loss_fn, opts: _Options) -> MetaGradient:
         setup = Setup(names_ad=names_ad, names_fx=names_fx, theta0=theta0, phi0=phi0, plan=plan, steps=steps,
                       weights=weights, weight_decay=float(opts.weight_decay), scale=1.0 / n_tasks, hvp=hvp,
                       keep_graph_bytes=float(opts.keep_graphs_mib) * 2**20,
-                      tape=RngTape(has_randomness(model), dev), bn=bn)
+                      tape=RngTape(has_randomness(model), dev), bn=bn,
+                      flags=StepFlags.new(names_ad, theta0, steps))
         head_kind = None
         if engine == "recompute" and hvp_auto:
             head_kind = head_path.applicable(model, names_ad, loss_fn)
@@ -411,4 +417,4 @@ def _meta_gradient(model, tasks, loss_fn, opts: _Options) -> MetaGradient:
                         meta_loss=torch.as_tensor(acc.m) * q_scale, engine=engine,
                         hvp=None if engine != "recompute" else hvp,
                         task_batching="vmap" if batched else "loop", memory_format=layout,
-                        batch_norm=opts.batch_norm)
+                        batch_norm=opts.batch_norm, nonfinite=setup.flags)

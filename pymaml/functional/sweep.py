@@ -14,6 +14,10 @@ object supplies them. The HVP is pluggable: ``Steps.hvp`` (autograd on the model
 :class:`pymaml.functional.engines.ModelSteps`; closed form on a linear head:
 :class:`pymaml.functional.head_path.HeadSteps`) or none at all (``second_order=False``: first order,
 H := 0 and no mixed terms).
+
+Non-finite values: with ``Setup.flags`` (a :class:`pymaml.functional.nonfinite.StepFlags`) the
+update of inner step i and the adjoint step i set their own slot of it on the device, in the same
+pass (``found_inf`` of the fused ops); nothing is read here.
 """
 from __future__ import annotations
 
@@ -45,6 +49,11 @@ class Setup:
     keep_graph_bytes: float = 0.0       # recompute + double backward: graphs kept within this budget
     tape: object = None                 # the RngTape of the call
     bn: object = None                   # the BatchNormPolicy of the call (marks counted forward passes)
+    flags: object = None                # StepFlags: where the fused ops met NaN or Inf (None: not recorded)
+
+    def flag(self, row: int, i: int) -> Optional[Tensor]:
+        """The ``found_inf`` of the fused op of row ``row`` (0 update, 1 adjoint step) at step i."""
+        return None if self.flags is None else self.flags.slot(row, i)
 
 
 class UnitResult(NamedTuple):
@@ -128,7 +137,7 @@ def forward_sweep(steps: Steps, setup: Setup, keep_grads: bool) -> Forward:
         if keep_grads:
             gs.append(g)
         with torch.no_grad():
-            theta = ops.sgd_update(theta, g, plan.step_lr(i, T), setup.weight_decay)
+            theta = ops.sgd_update(theta, g, plan.step_lr(i, T), setup.weight_decay, found_inf=setup.flag(0, i))
         thetas.append(theta)
         if weights is not None and i + 1 < K:
             lq, _, gq, gf = steps.query_grad(theta)
@@ -182,7 +191,7 @@ def adjoint_sweep(steps: Steps, fwd: Forward, setup: Setup, second_order: bool =
         elif hu is None:
             hu = [torch.zeros_like(t) for t in v]
         nxt = plan.step_lr(i - 1, T) if (second_order and i > 0) else None
-        v, lr_grad, u = ops.backward_step(v, hu, g, plan.step_lr(i, T), nxt)
+        v, lr_grad, u = ops.backward_step(v, hu, g, plan.step_lr(i, T), nxt, found_inf=setup.flag(1, i))
         plan.accumulate(lr_acc, i, lr_grad, T)
     steps.adjoint_done()
     return v, fixed, lr_acc

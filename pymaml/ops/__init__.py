@@ -21,6 +21,10 @@ otherwise. The backend is decided once at import (:mod:`pymaml._backend`); ``PYM
 forces the reference everywhere. Calls that need no autograd go straight to the kernel, below the
 autograd dispatch key. A kernel's error reaches the caller: nothing is silently rerun on the
 reference (see :mod:`pymaml.ops._dispatch`).
+
+``sgd_update``, ``sgd_update_`` and ``backward_step`` take an optional ``found_inf`` flag that the
+kernels set on the device, in the same pass, when they meet NaN or Inf (the contract is in
+:mod:`pymaml.reference.updates`).
 """
 from .fd_norms import clip_grad_norm_, fd_perturb, fd_quotient, global_norm
 from .layers import HeadHVP, batch_norm, linear_head_hvp

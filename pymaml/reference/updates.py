@@ -19,6 +19,14 @@ Contract shared by every op
   A list may mix the last two forms.
 * Out-of-place ops are differentiable (any order) in every tensor argument. In-place ops (trailing
   underscore) are for no-grad use.
+* ``found_inf`` (``sgd_update``, ``sgd_update_``, ``backward_step``): an optional float32 tensor on
+  the tensors' device holding one number, or one per tensor (shape (n,)). The op writes 1 into it
+  (into entry i for tensor i) when a value it computes per element is NaN or ±Inf: θ' for the update;
+  v − Hu, −g ⊙ v (when α is a tensor) and u_next for ``backward_step``, in the opmath dtype before
+  rounding. Every non-finite input reaches one of those values, so this is the non-finite check of
+  what the op reads, done on the device in the same pass (no host sync; it works like the
+  ``found_inf`` of ``torch.amp.GradScaler``). The flag is never cleared: zero it before a pass.
+  Gradients never flow through it.
 
 Each public function validates its inputs (:mod:`pymaml._checks`) and then runs its ``*_core``
 twin, which ``pymaml.ops`` calls directly on inputs it has validated itself.
@@ -31,8 +39,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._checks import (LOW_PRECISION, LrLike, as_list, check_clip, check_fd, check_no_grad, check_norm,
-                       check_number, check_step, check_update, opmath_dtype)
+from .._checks import (LOW_PRECISION, LrLike, as_list, check_clip, check_fd, check_found_inf, check_no_grad,
+                       check_norm, check_number, check_step, check_update, opmath_dtype)
 
 __all__ = [
     "sgd_update", "sgd_update_", "backward_step", "fd_perturb", "fd_quotient",
@@ -41,6 +49,25 @@ __all__ = [
 
 def _opmath(t: Tensor) -> Tensor:
     return t.float() if t.dtype in LOW_PRECISION else t
+
+
+def finite(*values: Tensor) -> Tensor:
+    """A 0-d bool tensor: every element of ``values`` is finite (True for empty tensors)."""
+    ok = torch.isfinite(values[0]).all()
+    for x in values[1:]:
+        ok = ok & torch.isfinite(x).all()
+    return ok
+
+
+def raise_flag(found_inf: Optional[Tensor], ok: List[Tensor]) -> None:
+    """found_inf ← 1 where a tensor's values were not all finite (``ok``: one 0-d bool per tensor),
+    with torch ops on the device: no host sync."""
+    if found_inf is None or not ok:
+        return
+    bad = ~torch.stack(ok).to(found_inf.device)
+    with torch.no_grad():
+        found_inf.masked_fill_(bad if found_inf.dim() == 1 and found_inf.numel() == len(ok) and len(ok) > 1
+                               else bad.any(), 1.0)
 
 
 def _lr_for(kind, lr, i: int, like: Tensor):
@@ -70,41 +97,51 @@ def _reduce_lr_grad(kind, lr, per_param: List[Tensor]):
 
 
 def sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
-               weight_decay: float = 0.0) -> List[Tensor]:
-    """θ'_i = θ_i − α_i ⊙ (g_i + weight_decay · θ_i), a new list; differentiable in θ, g and α."""
+               weight_decay: float = 0.0, found_inf: Optional[Tensor] = None) -> List[Tensor]:
+    """θ'_i = θ_i − α_i ⊙ (g_i + weight_decay · θ_i), a new list; differentiable in θ, g and α.
+    ``found_inf`` (optional) is set when a θ' is NaN or ±Inf (see the module's contract)."""
     params, grads, kind, lr = check_update("sgd_update", params, grads, lr)
     weight_decay = check_number("sgd_update", "weight_decay", weight_decay)
-    return sgd_update_core(params, grads, kind, lr, weight_decay)
+    found_inf = check_found_inf("sgd_update", "params", found_inf, params)
+    return sgd_update_core(params, grads, kind, lr, weight_decay, found_inf)
 
 
-def sgd_update_core(params: List[Tensor], grads: List[Tensor], kind: str, lr, weight_decay: float) -> List[Tensor]:
-    out = []
+def sgd_update_core(params: List[Tensor], grads: List[Tensor], kind: str, lr, weight_decay: float,
+                    found_inf: Optional[Tensor] = None) -> List[Tensor]:
+    out, ok = [], []
     for i, (p, g) in enumerate(zip(params, grads)):
         p32, g32 = _opmath(p), _opmath(g)
         d = g32 + weight_decay * p32 if weight_decay else g32
-        out.append((p32 - _lr_for(kind, lr, i, p) * d).to(p.dtype))
+        o = p32 - _lr_for(kind, lr, i, p) * d
+        out.append(o.to(p.dtype))
+        if found_inf is not None:
+            ok.append(finite(o.detach()))
+    raise_flag(found_inf, ok)
     return out
 
 
 def sgd_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
-                weight_decay: float = 0.0) -> None:
-    """In-place θ_i ← θ_i − α_i ⊙ (g_i + weight_decay · θ_i). For no-grad use."""
+                weight_decay: float = 0.0, found_inf: Optional[Tensor] = None) -> None:
+    """In-place θ_i ← θ_i − α_i ⊙ (g_i + weight_decay · θ_i). For no-grad use. ``found_inf`` as in
+    :func:`sgd_update`."""
     op = "sgd_update_"
     check_no_grad(op, as_list(op, "params", params))
     params, grads, kind, lr = check_update(op, params, grads, lr)
     weight_decay = check_number(op, "weight_decay", weight_decay)
-    sgd_update_core_(params, grads, kind, lr, weight_decay)
+    found_inf = check_found_inf(op, "params", found_inf, params)
+    sgd_update_core_(params, grads, kind, lr, weight_decay, found_inf)
 
 
-def sgd_update_core_(params: List[Tensor], grads: List[Tensor], kind: str, lr, weight_decay: float) -> None:
-    new = sgd_update_core(params, grads, kind, lr, weight_decay)
+def sgd_update_core_(params: List[Tensor], grads: List[Tensor], kind: str, lr, weight_decay: float,
+                     found_inf: Optional[Tensor] = None) -> None:
+    new = sgd_update_core(params, grads, kind, lr, weight_decay, found_inf)
     with torch.no_grad():
         for p, n in zip(params, new):
             p.copy_(n)
 
 
 def backward_step(v: Sequence[Tensor], hvp: Sequence[Tensor], grads: Sequence[Tensor], lr: LrLike,
-                  next_lr: Optional[LrLike] = None
+                  next_lr: Optional[LrLike] = None, found_inf: Optional[Tensor] = None
                   ) -> Tuple[List[Tensor], Union[None, Tensor, List[Tensor]], Optional[List[Tensor]]]:
     """One step of the adjoint recursion of the exact meta-gradient, in one pass.
 
@@ -115,22 +152,32 @@ def backward_step(v: Sequence[Tensor], hvp: Sequence[Tensor], grads: Sequence[Te
       lr_grad = −g ⊙ v reduced to α_i's form: None for a float α, a 0-d Tensor (sum over all) for
                 a shared Tensor α, per tensor a one-element sum or an element-wise tensor for a list
       u_next  = α_{i-1} ⊙ v_out, the direction of the next HVP (None when next_lr is None)
+    ``found_inf`` (optional) is set when a v_out, −g ⊙ v (α a tensor) or u_next is NaN or ±Inf (see
+    the module's contract): a non-finite HVP, adjoint or step size, found in the same pass.
     """
     v, hvp, grads, kind, lr, nkind, nlr = check_step("backward_step", v, hvp, grads, lr, next_lr)
-    return backward_step_core(v, hvp, grads, kind, lr, nkind, nlr)
+    found_inf = check_found_inf("backward_step", "v", found_inf, v)
+    return backward_step_core(v, hvp, grads, kind, lr, nkind, nlr, found_inf)
 
 
 def backward_step_core(v: List[Tensor], hvp: List[Tensor], grads: List[Tensor], kind: str, lr,
-                       nkind: Optional[str], nlr):
-    v_out, dlr, u_next = [], [], []
+                       nkind: Optional[str], nlr, found_inf: Optional[Tensor] = None):
+    v_out, dlr, u_next, ok = [], [], [], []
     for i, (vi, hi, gi) in enumerate(zip(v, hvp, grads)):
         v32 = _opmath(vi)
         vo = v32 - _opmath(hi)
         v_out.append(vo.to(vi.dtype))
+        checked = [vo]
         if kind != "float":
             dlr.append(-(_opmath(gi) * v32))
+            checked.append(dlr[-1])
         if nkind is not None:
-            u_next.append((_lr_for(nkind, nlr, i, vi) * vo).to(vi.dtype))
+            un = _lr_for(nkind, nlr, i, vi) * vo
+            u_next.append(un.to(vi.dtype))
+            checked.append(un)
+        if found_inf is not None:
+            ok.append(finite(*(c.detach() for c in checked)))
+    raise_flag(found_inf, ok)
     return v_out, _reduce_lr_grad(kind, lr, dlr), (u_next if nkind is not None else None)
 
 

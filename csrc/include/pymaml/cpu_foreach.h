@@ -18,6 +18,7 @@
 #include <pymaml/ops.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -174,6 +175,26 @@ inline std::vector<double> sum_by_tensor(const FlatPlan& plan, const std::vector
   const auto& segs = plan.segments();
   for (size_t s = 0; s < segs.size(); ++s) out[segs[s].tensor] += partial[s];
   return out;
+}
+
+// Non-finite check (the found_inf flag of ops.h). A kernel adds (x − x) into a vector accumulator for
+// every value it checks: 0 for a finite x, NaN for NaN or ±Inf, and a NaN stays NaN, so the check is
+// two vector operations per value and one test per segment.
+template <typename opm>
+inline Vectorized<opm> nonfinite_probe(const Vectorized<opm>& x) {
+  return x - x;
+}
+template <typename opm>
+inline bool any_nonfinite(const Vectorized<opm>& acc) {
+  opm lanes[Vectorized<opm>::size()];
+  acc.store(lanes);
+  for (int64_t i = 0; i < Vectorized<opm>::size(); ++i)
+    if (lanes[i] != lanes[i]) return true;
+  return false;
+}
+// Segments of one tensor may run on several threads: a relaxed atomic store of the same value.
+inline void raise_flag(float* flag) {
+  if (flag != nullptr) std::atomic_ref<float>(*flag).store(1.0f, std::memory_order_relaxed);
 }
 
 inline void check_cpu(const char* op, const char* name, at::TensorList ts) {

@@ -12,6 +12,7 @@
 #include <array>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -54,8 +55,8 @@ constexpr int kFunctorBytes = 256;
 template <int D, bool kLarge>
 constexpr int max_tensors_for() {
   using L = ArgLimits<kLarge>;
-  // addresses + numel + 2 scalar pointers + partial base + 2 dtypes + 2 modes
-  const int per_tensor = D * 8 + 8 + 2 * 8 + 4 + 2 + 2;
+  // addresses + numel + 2 scalar pointers + flag pointer + partial base + 2 dtypes + 2 modes
+  const int per_tensor = D * 8 + 8 + 2 * 8 + 8 + 4 + 2 + 2;
   const int fixed = L::kMaxBlocks * static_cast<int>(sizeof(typename L::block_index_t) + sizeof(int32_t)) + 64;
   const int n = (L::kParamBytes - kFunctorBytes - fixed) / per_tensor;
   const int cap = static_cast<int>(std::numeric_limits<typename L::block_index_t>::max()) + 1;
@@ -74,6 +75,7 @@ struct TensorListMeta {
   void* addr[D][kMaxTensors];
   int64_t numel[kMaxTensors];
   const void* scalar[2][kMaxTensors];
+  float* flag[kMaxTensors];  // found_inf entry of the tensor (ops.h), or nullptr
   int32_t partial_base[kMaxTensors];
   uint8_t scalar_dtype[2][kMaxTensors];
   uint8_t mode[2][kMaxTensors];
@@ -89,6 +91,7 @@ struct TensorEntry {
   std::array<const void*, 2> scalar{nullptr, nullptr};
   std::array<uint8_t, 2> scalar_dtype{0, 0};
   std::array<uint8_t, 2> mode{kNone, kNone};
+  float* flag = nullptr;
   int32_t partial_base = 0;
 };
 
@@ -106,6 +109,7 @@ void for_each_table(const std::vector<TensorEntry<D>>& entries, const Launch& la
   auto put = [&meta](int slot, const TensorEntry<D>& e) {
     for (int d = 0; d < D; ++d) meta.addr[d][slot] = e.addr[d];
     meta.numel[slot] = e.numel;
+    meta.flag[slot] = e.flag;
     meta.partial_base[slot] = e.partial_base;
     for (int s = 0; s < 2; ++s) {
       meta.scalar[s][slot] = e.scalar[s];
@@ -205,7 +209,7 @@ struct UpdatePlan {
   double lr_arg = 0.0;           // the α of kArg entries
 };
 UpdatePlan plan_sgd_update(at::TensorList params, at::TensorList grads, const LrSpec& spec, double lr,
-                           at::TensorList lrs, bool inplace, at::Device device);
+                           at::TensorList lrs, bool inplace, const FlagSpec& flag, at::Device device);
 
 // backward_step. Slots: 0 v, 1 hvp, 2 g, 3 per-element α_next, 4 v_out, 5 per-element lr_grad,
 // 6 u_next. mode[0]: lr_grad (kNone, kReduce, kElement); mode[1]: α_next (kNone, kArg, kDevice,
@@ -225,7 +229,8 @@ struct StepPlan {
 };
 StepPlan plan_backward_step(const char* op, at::TensorList v, at::TensorList hvp, at::TensorList grads,
                             const LrSpec& lr_spec, at::TensorList lrs, const LrSpec& next_spec,
-                            at::TensorList next_lrs, double next_lr, bool has_next, at::Device device);
+                            at::TensorList next_lrs, double next_lr, bool has_next, const FlagSpec& flag,
+                            at::Device device);
 
 // The host side of the device ops, with the launches supplied by the caller: the CUDA kernels in
 // csrc/cuda/, a host loop in the test-only ops. Hooks provides
@@ -233,15 +238,17 @@ StepPlan plan_backward_step(const char* op, at::TensorList v, at::TensorList hvp
 //   void step(const StepGroup&, double next_lr, double* partials)
 //   void finalize_sums(const at::Tensor& partials, const std::vector<SumTarget>&)
 //   void check_copy_to_host(const char* op, const char* name, at::Device)   (before a copy to the CPU)
+// found_inf: the optional non-finite flag (ops.h), checked here, written by the launches.
 template <class Hooks>
 std::vector<at::Tensor> run_sgd_update(const char* op, at::TensorList params, at::TensorList grads, const double* lr,
-                                       at::TensorList lrs, double weight_decay, bool inplace, at::DeviceType type,
-                                       Hooks& hooks) {
+                                       at::TensorList lrs, double weight_decay, bool inplace,
+                                       const std::optional<at::Tensor>& found_inf, at::DeviceType type, Hooks& hooks) {
   check_pairs(op, {"params", "grads"}, {params, grads});
   const at::Device device = params.empty() ? at::Device(type) : kernel_device(op, "params", params, type);
   const LrSpec spec = lr ? LrSpec{} : classify_lrs(op, "lr", lrs, params, /*allow_none=*/false);
+  const FlagSpec flag = check_found_inf(op, "params", found_inf, params);
   if (params.empty()) return {};
-  UpdatePlan plan = plan_sgd_update(params, grads, spec, lr ? *lr : 0.0, lrs, inplace, device);
+  UpdatePlan plan = plan_sgd_update(params, grads, spec, lr ? *lr : 0.0, lrs, inplace, flag, device);
   for (const UpdateGroup& g : plan.groups) hooks.sgd(g, plan.lr_arg, weight_decay);
   if (inplace) {
     for (size_t i = 0; i < params.size(); ++i) {
@@ -256,11 +263,12 @@ using StepResult = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, 
 
 template <class Hooks>
 StepResult run_backward_step(at::TensorList v, at::TensorList hvp, at::TensorList grads, at::TensorList lrs,
-                             at::TensorList next_lrs, double next_lr, bool has_next, at::DeviceType type,
-                             Hooks& hooks) {
+                             at::TensorList next_lrs, double next_lr, bool has_next,
+                             const std::optional<at::Tensor>& found_inf, at::DeviceType type, Hooks& hooks) {
   const char* op = "backward_step";
   check_pairs(op, {"v", "hvp", "grads"}, {v, hvp, grads});
   const at::Device device = v.empty() ? at::Device(type) : kernel_device(op, "v", v, type);
+  const FlagSpec flag = check_found_inf(op, "v", found_inf, v);
   const LrSpec lr_spec = classify_lrs(op, "lr", lrs, v, /*allow_none=*/true);
   // next_lrs matter only when there is a next step (u_next is [] otherwise).
   const LrSpec next_spec = has_next ? classify_lrs(op, "next_lr", next_lrs, v, /*allow_none=*/true) : LrSpec{};
@@ -271,7 +279,8 @@ StepResult run_backward_step(at::TensorList v, at::TensorList hvp, at::TensorLis
   }
   const bool grad_to_host = lr_spec.form == LrForm::kShared && lrs[0].device() != device;
   if (grad_to_host) hooks.check_copy_to_host(op, "lr", device);
-  StepPlan plan = plan_backward_step(op, v, hvp, grads, lr_spec, lrs, next_spec, next_lrs, next_lr, has_next, device);
+  StepPlan plan =
+      plan_backward_step(op, v, hvp, grads, lr_spec, lrs, next_spec, next_lrs, next_lr, has_next, flag, device);
   double* partials = plan.partials.defined() ? plan.partials.data_ptr<double>() : nullptr;
   for (const StepGroup& g : plan.groups) hooks.step(g, plan.next_arg, partials);
   if (lr_spec.form == LrForm::kShared) {

@@ -56,10 +56,23 @@
 //       min(1, max_norm / (norm + eps)) with no host sync.
 //   backward_step with a shared α on the CPU and v on a GPU returns lr_grad on the CPU: a
 //       synchronising copy, refused while the stream is captured into a CUDA graph.
+//
+// Non-finite flag (found_inf): sgd_update.found_inf, sgd_update_lrs.found_inf and
+// backward_step.found_inf (overloads, since an op that mutates an argument cannot carry the
+// autograd formula of the default overload), and the optional found_inf of sgd_update_ and
+// sgd_update_lrs_. found_inf is a float32 tensor on the op's device holding one number, or one per
+// tensor of the list (shape (n,), any stride). In the same pass as the op, the kernels write 1 into
+// it (into entry i for tensor i in the second form) when a value they compute per element is NaN or
+// ±Inf: θ' for the update; v_out, −g ⊙ v (when lr_grad is computed) and u_next for backward_step,
+// in the opmath type before rounding. Since every non-finite input reaches one of those values
+// (0·Inf is NaN), this is also the check of every element the op reads. The flag is never cleared
+// and never read on the host; CUDA kernels store it with a plain (relaxed) write, CPU kernels with a
+// relaxed atomic store.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -228,6 +241,35 @@ inline void check_eps_scale(const char* op, const at::Tensor& s) {
                     s.defined() ? py_shape(s.sizes()) : std::string("(undefined)"));
   TORCH_CHECK_TYPE(is_float_type(s.scalar_type()), op, ": eps_scale has dtype ", py_dtype(s.scalar_type()),
                    "; only floating-point tensors are supported");
+}
+
+// The found_inf flag (see the contract above) after its checks: entry i of the list writes to at(i).
+struct FlagSpec {
+  float* base = nullptr;  // nullptr: no flag
+  int64_t stride = 0;     // 0: one number for every tensor; else the stride between the entries
+  float* at(size_t i) const { return base == nullptr ? nullptr : base + stride * static_cast<int64_t>(i); }
+};
+
+// Same rules and messages as pymaml/_checks.py:check_found_inf. `name` is the list the flag serves
+// (params or v); its device is the op's.
+inline FlagSpec check_found_inf(const char* op, const char* name, const std::optional<at::Tensor>& flag,
+                                at::TensorList ts) {
+  if (!flag.has_value() || !flag->defined()) return {};
+  const at::Tensor& f = *flag;
+  TORCH_CHECK_TYPE(f.scalar_type() == at::kFloat, op, ": found_inf has dtype ", py_dtype(f.scalar_type()),
+                   "; it must be torch.float32");
+  const int64_t n = static_cast<int64_t>(ts.size());
+  const bool one = f.numel() == 1;
+  TORCH_CHECK_VALUE(one || (f.dim() == 1 && f.numel() == n), op, ": found_inf has shape ", py_shape(f.sizes()),
+                    "; it must hold one number, or one per tensor of ", name, " (shape (", n, ",))");
+  if (n > 0) {
+    TORCH_CHECK_VALUE(f.device() == ts[0].device(), op, ": found_inf is on ", f.device(), " but ", name,
+                      "[0] is on ", ts[0].device());
+  }
+  FlagSpec spec;
+  spec.base = f.mutable_data_ptr<float>();
+  spec.stride = one ? 0 : f.stride(0);
+  return spec;
 }
 
 }  // namespace pymaml
