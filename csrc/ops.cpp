@@ -61,6 +61,16 @@ TORCH_LIBRARY(pymaml, m) {
       "batch_norm_double_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, float eps, "
       "Tensor? gg_x, Tensor? gg_weight, Tensor? gg_bias) -> (Tensor grad_grad_y, Tensor grad_x, Tensor grad_weight)");
 
+  // at::convolution (not transposed) and at::convolution_backward (grad_bias when mask[2]), whose
+  // autograd (csrc/autograd.cpp) differentiates convolution_backward with a weight-gradient kernel
+  // instead of torch's whole-feature-map convolution. Outputs not in mask are undefined (None).
+  m.def(
+      "convolution(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups) "
+      "-> Tensor");
+  m.def(
+      "convolution_backward(Tensor grad_y, Tensor x, Tensor weight, int[] stride, int[] padding, int[] dilation, "
+      "int groups, bool[3] mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+
   // Closed-form Hessian-vector product of a linear head z = x Wᵀ + b under loss "cross_entropy"
   // (target: int64 class indices [N]) or "mse" (target [N, C]), both means, along (v_weight, v_bias),
   // plus grad_x = ∂/∂x ⟨∇_{W,b} L, (v_weight, v_bias)⟩. hvp_bias is returned even when bias is None.

@@ -12,6 +12,8 @@ Imported once by ``pymaml._backend`` right after ``pymaml._C`` loads (the schema
   only.
 * BatchNorm (``batch_norm`` → ``batch_norm_backward`` → ``batch_norm_double_backward``): the
   derivative chain of :mod:`pymaml.reference.batchnorm`, with the compiled ops as its links.
+* ``sgd_update`` (float step size), ``batch_norm``, ``batch_norm_backward``, ``convolution`` and
+  ``convolution_backward``: autograd kernels in C++ (csrc/autograd.cpp); fake kernels here.
 * ``linear_head_hvp``: a fake kernel and a vmap rule (its autograd kernel is in C++: the outputs
   read the inputs as constants).
 """
@@ -24,6 +26,7 @@ from torch import Tensor
 
 from ._checks import opmath_dtype as _opm
 from .reference import batchnorm as _bn
+from .reference import conv as _conv_ref
 from .reference.batchnorm import check_batch_norm
 
 
@@ -204,7 +207,7 @@ def _backward_update(ctx, gouts):
     return dp, dg, dlrs, None
 
 
-torch.library.register_autograd("pymaml::sgd_update", _backward_update, setup_context=_setup_update)
+# sgd_update (float step size): autograd kernel in csrc/autograd.cpp (same formula, no Python per node)
 torch.library.register_autograd("pymaml::sgd_update_lrs", _backward_update, setup_context=_setup_update)
 
 
@@ -344,19 +347,21 @@ def _(grad_y, x, weight, mean, invstd, eps, gg_x, gg_weight, gg_bias):
     return _like_x(x, grad_y.dtype), _like_x(x), x.new_empty((x.shape[1],), dtype=wd)
 
 
-def _backward_bn(ctx, gy, _g_mean, _g_invstd):
-    return _bn.backward_bn(ctx, gy, torch.ops.pymaml.batch_norm_backward)
-
-
-def _backward_bn_backward(ctx, g_x, g_w, g_b):
-    return _bn.backward_backward(ctx, g_x, g_w, g_b, torch.ops.pymaml.batch_norm_double_backward)
-
-
-torch.library.register_autograd("pymaml::batch_norm", _backward_bn, setup_context=_bn.setup_bn)
-torch.library.register_autograd("pymaml::batch_norm_backward", _backward_bn_backward,
-                                setup_context=_bn.setup_backward)
+# The autograd of batch_norm and batch_norm_backward is in csrc/autograd.cpp (the chain of
+# pymaml/reference/batchnorm.py without Python per node); the third derivative stays here.
 torch.library.register_autograd("pymaml::batch_norm_double_backward", _bn.backward_double,
                                 setup_context=_bn.setup_double)
+
+
+# --------------------------------------------------------------------------- convolution
+@torch.library.register_fake("pymaml::convolution")
+def _(x, weight, bias, stride, padding, dilation, groups):
+    return _conv_ref.convolution(x, weight, bias, stride, padding, dilation, groups)
+
+
+@torch.library.register_fake("pymaml::convolution_backward")
+def _(grad_y, x, weight, stride, padding, dilation, groups, mask):
+    return _conv_ref.convolution_backward(grad_y, x, weight, stride, padding, dilation, groups, mask)
 
 
 # --------------------------------------------------------------------------- linear head HVP

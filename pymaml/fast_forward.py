@@ -11,12 +11,20 @@
   forward call. Eval-mode calls (running statistics) go to ``F.batch_norm`` unchanged. The
   interception is a :class:`~torch.overrides.TorchFunctionMode` that sees every ``F.batch_norm``
   call of the forward, so BatchNorm layers written by hand with ``F.batch_norm`` are served too.
+- **Convolutions** (``F.conv2d`` with a gradient to record) go to ``torch.ops.pymaml.convolution``:
+  torch's values and first derivatives, and a second derivative computed with the weight- and
+  input-gradient kernels where torch's formula runs a convolution whose kernel is a whole feature
+  map (the slowest convolution of a second-order CPU meta-step; see
+  :mod:`pymaml.reference.conv`). Values and first derivatives are bit for bit torch's; second
+  derivatives sum in another order.
 - **Channels-last inputs**: when the learner holds its conv weights channels-last (CPU conv nets,
   see :mod:`pymaml.functional.layout`), 4-D tensor arguments are laid out channels-last as well,
   so the whole pass stays in NHWC order.
 
-Under ``torch.func`` transforms, for dtypes other than float32/float64, or where the compiled
-BatchNorm op is not available for the device, ``F.batch_norm`` runs as usual.
+Under ``torch.func`` transforms or for dtypes other than float32/float64, ``F.batch_norm`` and
+``F.conv2d`` run as usual; where the compiled ops are not available for the device (the pure-torch
+backend), BatchNorm runs as usual and convolutions through the pure-torch twin,
+:class:`pymaml.reference.conv.ConvolutionFn`.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import _backend
 from .reference.batchnorm import check_batch_norm
+from .reference.conv import ConvolutionFn
 from .functional.layout import to_layout
 
 __all__ = ["fast_forward", "layout_inputs"]
@@ -61,10 +70,37 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     return y
 
 
-class _FusedBatchNormMode(TorchFunctionMode):
+def _pair(v):
+    return [int(a) for a in v] if isinstance(v, (tuple, list)) else [int(v)] * 2
+
+
+def _conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
+            groups: int = 1):
+    """``F.conv2d`` through ``pymaml::convolution`` where a second derivative may be taken;
+    ``NotImplemented`` elsewhere."""
+    if (isinstance(padding, str) or not isinstance(input, Tensor) or not isinstance(weight, Tensor)
+            or input.dim() != 4 or input.dtype not in _FUSED_DTYPES or not torch.is_grad_enabled()
+            or _functorch_active()
+            or not (input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
+        return NotImplemented
+    args = (input, weight, bias, _pair(stride), _pair(padding), _pair(dilation), int(groups))
+    if _backend.compiled_available("convolution", input.device):
+        return torch.ops.pymaml.convolution(*args)
+    return ConvolutionFn.apply(*args)
+
+
+class _FastForwardMode(TorchFunctionMode):
+    def __init__(self, fused_batch_norm: bool):
+        super().__init__()
+        self.fused_batch_norm = fused_batch_norm
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.batch_norm:
+        if func is F.conv2d:
+            out = _conv2d(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        elif func is F.batch_norm and self.fused_batch_norm:
             out = _batch_norm(*args, **kwargs)
             if out is not NotImplemented:
                 return out
@@ -73,11 +109,9 @@ class _FusedBatchNormMode(TorchFunctionMode):
 
 @contextlib.contextmanager
 def fast_forward(fused_batch_norm: bool = True):
-    """Within the block, ``F.batch_norm`` with batch statistics uses the fused double backward."""
-    if not fused_batch_norm:
-        yield
-        return
-    with _FusedBatchNormMode():
+    """Within the block, convolutions and (with ``fused_batch_norm``) ``F.batch_norm`` with batch
+    statistics use the fast second derivatives (module docstring)."""
+    with _FastForwardMode(fused_batch_norm):
         yield
 
 

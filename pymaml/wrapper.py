@@ -20,10 +20,13 @@ listed in the README ("Drop-in for learn2learn"): errors are raised as exception
 parameter names where learn2learn prints a traceback and fails later.
 
 What is faster: the update is one fused multi-tensor op; BatchNorm layers with batch statistics
-run through the fused double backward (:mod:`pymaml.fast_forward`); CPU conv nets are kept in
-channels-last order end to end (``memory_format="auto"``, as :func:`pymaml.functional.meta_gradient`).
-Results are those of learn2learn up to floating-point rounding (convolutions in another layout may
-sum in another order). This is the unrolled path: memory grows with the number of adaptation steps;
+run through the fused double backward, and convolutions through an op whose second derivative
+uses the weight-gradient kernel instead of torch's whole-feature-map convolution
+(:mod:`pymaml.fast_forward`); the autograd of these ops runs in C++, with no Python per backward
+node; CPU conv nets are kept in channels-last order end to end (``memory_format="auto"``, as
+:func:`pymaml.functional.meta_gradient`). Results are those of learn2learn up to floating-point
+rounding (convolutions in another layout, and second derivatives of convolutions, sum in another
+order). This is the unrolled path: memory grows with the number of adaptation steps;
 for the memory-flat exact engine use :class:`pymaml.MetaOptimizer` or
 :func:`pymaml.functional.meta_gradient`.
 """
