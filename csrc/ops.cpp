@@ -1,6 +1,8 @@
 // The schemas of every pymaml op, declared once. Implementations are registered per dispatch key in
-// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); autograd and fake kernels are registered from
-// Python (pymaml/_registration.py). The contracts are stated in csrc/include/pymaml/ops.h.
+// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA). Autograd is registered in C++ (csrc/autograd.cpp)
+// for sgd_update (float step size), batch_norm, batch_norm_backward, convolution and
+// convolution_backward, and from Python (pymaml/_registration.py) for the others; fake kernels are
+// registered from Python. The contracts are stated in csrc/include/pymaml/ops.h.
 #include <Python.h>
 #include <torch/library.h>
 
