@@ -224,13 +224,8 @@ class MetaOptimizer:
                         f"MetaOptimizer.step: NaN or Inf at outer step {self.steps_done}: {where}; nothing was "
                         "updated. Pass nonfinite='skip' to skip such steps (counted in skipped_steps) or "
                         "nonfinite='allow' to apply them")
-                self._skipped += 1
-                self.zero_grad()
-                stats["skipped"] = 1.0
-                return stats
-        if self.max_grad_norm is not None:
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            stats["grad_norm"] = float(ops.clip_grad_norm_(grads, self.max_grad_norm))
+                return self._skip(stats)
+        self._clip(stats)
         if found_inf is None:
             self.optimizer.step()
         else:  # GradScaler's protocol: the fused kernels skip the update on the device when found_inf != 0
@@ -240,18 +235,13 @@ class MetaOptimizer:
             finally:
                 del self.optimizer.grad_scale, self.optimizer.found_inf
             self._skipped_on_device = found_inf if self._skipped_on_device is None else self._skipped_on_device + found_inf
-        self.steps_done += 1
-        if self.distributed and self.check_every and self.steps_done % self.check_every == 0:
-            self.check_in_sync()
-        return stats
+        return self._stepped(stats)
 
     def _scaled_step(self, stats: Dict[str, float]) -> Dict[str, float]:
         """unscale_, clip, ``scaler.step`` (skipped on non-finite gradients), ``scaler.update``."""
         scaler, scale = self.scaler, self.scaler.get_scale()
         scaler.unscale_(self.optimizer)
-        if self.max_grad_norm is not None:
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            stats["grad_norm"] = float(ops.clip_grad_norm_(grads, self.max_grad_norm))
+        self._clip(stats)
         # The scaled adjoint may overflow by design (the scaler then backs off): the meta-gradient decides.
         where = self._find_nonfinite(use_flags=False) if self.nonfinite == "raise" else None
         scaler.step(self.optimizer)
@@ -263,10 +253,23 @@ class MetaOptimizer:
                     f"MetaOptimizer.step: {where} at outer step {self.steps_done} (loss scale {scale:g}); "
                     "nothing was updated. With a GradScaler pass nonfinite='skip' (the default) to skip such "
                     "steps and lower the scale")
-            self._skipped += 1
-            self.zero_grad()
-            stats["skipped"] = 1.0
-            return stats
+            return self._skip(stats)
+        return self._stepped(stats)
+
+    def _clip(self, stats: Dict[str, float]) -> None:
+        if self.max_grad_norm is not None:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            stats["grad_norm"] = float(ops.clip_grad_norm_(grads, self.max_grad_norm))
+
+    def _skip(self, stats: Dict[str, float]) -> Dict[str, float]:
+        """An outer step skipped for NaN or Inf: counted, gradients cleared."""
+        self._skipped += 1
+        self.zero_grad()
+        stats["skipped"] = 1.0
+        return stats
+
+    def _stepped(self, stats: Dict[str, float]) -> Dict[str, float]:
+        """After an outer update: count it, and check the ranks every ``check_every`` steps."""
         self.steps_done += 1
         if self.distributed and self.check_every and self.steps_done % self.check_every == 0:
             self.check_in_sync()
