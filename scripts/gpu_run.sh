@@ -9,13 +9,16 @@
 #   build.log          the extension build
 #   test_cuda.log      pytest tests/test_cuda.py tests/test_batch_norm.py tests/test_host_prep.py
 #   kernels.md         benchmarks/bench_kernels.py --device cuda, then bench_batch_norm.py --device cuda
-#   test_all.log       pytest tests (the whole non-slow suite; CUDA cases run where a GPU is seen)
+#   sanitize.log       compute-sanitizer memcheck, then racecheck, over tests/test_cuda.py (pymaml's kernels)
+#   test_all.log       pytest -k cuda over the rest of the suite (stage test_gpu), or the whole non-slow
+#                      suite (stage test_all, not in the default list)
 #   engine.md          benchmarks/bench_engine.py --device cuda            (if present)
 #   side_by_side.md    benchmarks/side_by_side.py --device cuda            (if present)
 #   results.tar.gz     files written under benchmarks/results/ during this run (plots, tables)
 #
 # Usage:  scripts/gpu_run.sh [stage ...]        default: all stages, in this order:
-#           env build info test_cuda kernels test_all engine peers side_by_side results
+#           env build info test_cuda sanitize test_gpu kernels engine peers side_by_side results
+#         A failed build ends the run (KEEP_GOING=1 runs the other stages anyway).
 # Environment:
 #   OUT               output folder (default ./gpu_out)
 #   GPU_RUN_BUDGET_S  wall-clock budget for the whole script in seconds (default 560); a stage gets
@@ -41,7 +44,7 @@ BUDGET=${GPU_RUN_BUDGET_S:-560}
 START=$(date +%s)
 STAGES=("$@")
 if [[ ${#STAGES[@]} -eq 0 ]]; then
-  STAGES=(env build info test_cuda kernels test_all engine peers side_by_side results)
+  STAGES=(env build info test_cuda sanitize test_gpu kernels engine peers side_by_side results)
 fi
 
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -143,7 +146,7 @@ import torch
 import pymaml  # noqa: F401  (loads the extension if it was built)
 ops = ["sgd_update", "sgd_update_lrs", "sgd_update_", "sgd_update_lrs_", "backward_step", "fd_perturb",
        "fd_quotient", "global_norm", "clip_grad_norm_", "linear_head_hvp", "batch_norm", "batch_norm_backward",
-       "batch_norm_double_backward"]
+       "batch_norm_double_backward", "convolution", "convolution_backward"]
 for op in ops:
     try:
         cuda = torch._C._dispatch_has_kernel_for_dispatch_key(f"pymaml::{op}", "CUDA")
@@ -163,6 +166,29 @@ ensure_pytest() {
   fi
 }
 
+# compute-sanitizer over tests/test_cuda.py, checking pymaml's own kernels only (kernel names hold
+# "pymaml"; checking every torch kernel too would take the whole budget). The caching allocator is off
+# so that an out-of-bounds access lands outside any allocation and memcheck sees it. Exit status 99
+# means the sanitizer reported an error; anything else non-zero is pytest's own status.
+do_sanitize() {
+  local cs
+  cs=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  [[ -x $cs ]] || { echo "compute-sanitizer not found"; return 1; }
+  "$cs" --version | tail -n 1
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  local rc=0 tool
+  for tool in memcheck racecheck; do
+    echo "---- $tool"
+    local s=$(date +%s)
+    "$cs" --tool "$tool" --kernel-name kns=pymaml --error-exitcode 99 --print-limit 30 \
+      $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py
+    local r=$?
+    echo "---- $tool: exit status $r in $(($(date +%s) - s))s"
+    ((r != 0)) && rc=$r
+  done
+  return $rc
+}
+
 bench() {  # bench SCRIPT LIMIT_S OUTFILE EXTRA_ARGS: benchmarks/SCRIPT --device cuda EXTRA_ARGS
   local script=benchmarks/$1
   if [[ ! -f $script ]]; then
@@ -179,13 +205,18 @@ bench() {  # bench SCRIPT LIMIT_S OUTFILE EXTRA_ARGS: benchmarks/SCRIPT --device
 
 # Stage bodies run under `timeout`, i.e. in a child bash.
 export PY ROOT
-export -f src_hash do_build do_info
+export -f src_hash do_build do_info do_sanitize
 START_MARK=$(mktemp)
 say "gpu_run.sh: stages ${STAGES[*]}; budget ${BUDGET}s; repo $ROOT; OUT $OUT"
 for st in "${STAGES[@]}"; do
   case $st in
     env) do_env >>"$LOG" 2>&1 ;;
-    build) stage build 420 "$OUT/build.log" bash -c do_build ;;
+    build)
+      stage build 420 "$OUT/build.log" bash -c do_build
+      if ! compgen -G "pymaml/_C*.so" >/dev/null && [[ ${KEEP_GOING:-0} != 1 ]]; then
+        say "== no extension was built: stopping here (KEEP_GOING=1 runs the other stages anyway)"
+        break
+      fi ;;
     info) stage info 90 - bash -c do_info ;;
     test_cuda)
       ensure_pytest
@@ -193,6 +224,11 @@ for st in "${STAGES[@]}"; do
     kernels)
       bench bench_kernels.py 180 kernels.md "${KERNELS_ARGS:-}"
       bench bench_batch_norm.py 90 kernels.md "" ;;
+    sanitize) stage sanitize 200 "$OUT/sanitize.log" bash -c do_sanitize ;;
+    test_gpu)
+      ensure_pytest
+      stage test_gpu 300 "$OUT/test_all.log" $PY -m pytest -q -rs -m "not slow" -k cuda --durations=20 -p no:cacheprovider \
+        --ignore tests/test_cuda.py tests ;;
     test_all)
       ensure_pytest
       stage test_all 420 "$OUT/test_all.log" $PY -m pytest -q -rs -m "not slow" --durations=20 -p no:cacheprovider tests ;;
@@ -214,7 +250,7 @@ for st in "${STAGES[@]}"; do
           say "== [results] nothing new under benchmarks/results"
         fi
       fi ;;
-    *) say "== [$st] unknown stage (known: env build info test_cuda kernels test_all engine peers side_by_side results)" ;;
+    *) say "== [$st] unknown stage (known: env build info test_cuda sanitize test_gpu test_all kernels engine peers side_by_side results)" ;;
   esac
 done
 rm -f "$START_MARK"
