@@ -192,9 +192,14 @@ inline bool any_nonfinite(const Vectorized<opm>& acc) {
     if (lanes[i] != lanes[i]) return true;
   return false;
 }
-// Segments of one tensor may run on several threads: a relaxed atomic store of the same value.
+// Segments of one tensor may run on several threads: a relaxed atomic store of the same value. The
+// GCC/Clang builtin rather than C++20's std::atomic_ref: torch releases before 2.13 build extensions
+// as C++17.
 inline void raise_flag(float* flag) {
-  if (flag != nullptr) std::atomic_ref<float>(*flag).store(1.0f, std::memory_order_relaxed);
+  if (flag != nullptr) {
+    const float one = 1.0f;
+    __atomic_store(flag, &one, __ATOMIC_RELAXED);
+  }
 }
 
 inline void check_cpu(const char* op, const char* name, at::TensorList ts) {
