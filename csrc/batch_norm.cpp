@@ -76,7 +76,10 @@ Tensor3 batch_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, const
   // is channels-last only through size-1 dims (shape [1, 2, 1, 2], strides [1, 1, 2, 2]) and grad_y
   // is contiguous (torch 2.14).
   const auto fmt = x.suggest_memory_format();
-  return at::native_batch_norm_backward(grad_y.contiguous(fmt), x.contiguous(fmt), weight, std::nullopt,
+  // Without a weight, ATen's CUDA kernel returns empty grad_weight and grad_bias; a weight of ones
+  // gives the same grad_x and the [C] gradients the schema promises, on every device.
+  const at::Tensor w = present(weight) ? *weight : at::ones({x.size(1)}, x.options());
+  return at::native_batch_norm_backward(grad_y.contiguous(fmt), x.contiguous(fmt), w, std::nullopt,
                                         std::nullopt, mean, invstd, /*train=*/true, 0.0, {true, true, true});
 }
 
@@ -120,7 +123,9 @@ Tensor3 double_backward_composite(const at::Tensor& grad_y, const at::Tensor& x,
     ggy = ggy + wr.view(shape) * G;
   }
   const auto grad_w = static_cast<double>(m) * r * apq;
-  return {ggy.to(grad_y.scalar_type()), grad_x.to(x.scalar_type()),
+  // In x's layout, as the CPU kernel returns them (elementwise ops over mixed layouts need not).
+  const auto fmt = x.suggest_memory_format();
+  return {ggy.to(grad_y.scalar_type()).contiguous(fmt), grad_x.to(x.scalar_type()).contiguous(fmt),
           grad_w.to(present(weight) ? weight->scalar_type() : x.scalar_type())};
 }
 

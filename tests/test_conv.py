@@ -73,9 +73,11 @@ def test_derivatives_of_every_order_equal_autograd_float64(conv, case, channels_
     for k, (a, e) in enumerate(zip(got, want)):
         assert a.shape == e.shape
         assert rel(a, e) < 1e-12, k
-    # the value and the first derivatives are torch's own kernels: equal bit for bit
-    for a, e in zip(got[:1 + len(got) // 4], want):
-        assert torch.equal(a, e)
+    # the value and the first derivatives are torch's own kernels: equal bit for bit on the CPU (cuDNN
+    # may choose another algorithm from one call to the next)
+    if device == "cpu":
+        for a, e in zip(got[:1 + len(got) // 4], want):
+            assert torch.equal(a, e)
 
 
 @pytest.mark.parametrize("case", CASES[1:3])

@@ -96,9 +96,12 @@ def batch_norm_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], mea
     check_batch_norm("batch_norm_backward", x, weight, grad_y=grad_y)
     # x and grad_y in one layout: ATen's CPU kernel computes wrong gradients when x is channels-last
     # only through size-1 dims (shape [1, 2, 1, 2], strides [1, 1, 2, 2]) and grad_y is contiguous.
+    # Without a weight, ATen's CUDA kernel returns empty grad_weight and grad_bias; a weight of ones
+    # gives the same grad_x and [C] gradients on every device.
     fmt = _layout(x)
+    w = weight if weight is not None else torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
     return torch.ops.aten.native_batch_norm_backward(grad_y.contiguous(memory_format=fmt),
-                                                     x.contiguous(memory_format=fmt), weight, None, None, mean,
+                                                     x.contiguous(memory_format=fmt), w, None, None, mean,
                                                      invstd, True, 0.0, [True, True, True])
 
 
