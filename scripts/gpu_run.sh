@@ -24,6 +24,7 @@
 #   GPU_RUN_BUDGET_S  wall-clock budget for the whole script in seconds (default 560); a stage gets
 #                     min(its own limit, what is left) and is skipped when less than 20 s remain
 #   PYTHON            interpreter (default python3)
+#   TEST_CUDA_ARGS    extra pytest arguments for the test_cuda stage (e.g. a --deselect)
 #   KERNELS_ARGS, ENGINE_ARGS, SBS_ARGS   extra arguments for bench_kernels.py, bench_engine.py and
 #                     side_by_side.py (e.g. SBS_ARGS="--quick"); a benchmark without a --device
 #                     option is not run (it would measure the CPU)
@@ -260,7 +261,7 @@ for st in "${STAGES[@]}"; do
     info) stage info 90 - bash -c do_info ;;
     test_cuda)
       ensure_pytest
-      stage test_cuda 240 "$OUT/test_cuda.log" $PY -m pytest -v -rs --durations=15 -p no:cacheprovider tests/test_cuda.py tests/test_batch_norm.py tests/test_host_prep.py ;;
+      stage test_cuda 240 "$OUT/test_cuda.log" $PY -m pytest -v -rs --durations=15 -p no:cacheprovider tests/test_cuda.py tests/test_batch_norm.py tests/test_host_prep.py ${TEST_CUDA_ARGS:-} ;;
     kernels)
       bench bench_kernels.py 180 kernels.md "${KERNELS_ARGS:-}"
       bench bench_batch_norm.py 90 kernels.md "" ;;
