@@ -71,6 +71,41 @@ def _extensions():
     return [module], {"build_ext": _build_ext_class(ce.BuildExtension, use_cuda, avx2)}
 
 
+def _links_libstdcxx_statically(cxx):
+    """True when `cxx` puts a private copy of libstdc++ into shared libraries (a compiler wrapper
+    that adds -static-libstdc++). Such an extension shares torch's C++ objects but not its copy of
+    the library: formatting a number into an error message then crashes the process. None when it
+    cannot be told (no readelf, or the test library does not build)."""
+    import shlex
+    import shutil
+    import subprocess
+    import tempfile
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        src, lib = os.path.join(d, "t.cpp"), os.path.join(d, "t.so")
+        with open(src, "w") as f:
+            f.write("#include <sstream>\n#include <string>\n"
+                    "std::string f(unsigned long n) { std::ostringstream s; s << n; return s.str(); }\n")
+        try:
+            subprocess.run(shlex.split(cxx) + ["-shared", "-fPIC", "-o", lib, src], check=True,
+                           capture_output=True, timeout=120)
+            dyn = subprocess.run([readelf, "-d", lib], check=True, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return "libstdc++" not in dyn
+
+
+def _check_compiler():
+    cxx = os.environ.get("CXX", "c++")
+    if _links_libstdcxx_statically(cxx):
+        # Not built rather than built to crash: run() turns this into the pure-torch fallback.
+        raise RuntimeError(f"the C++ compiler {cxx!r} links libstdc++ statically into shared libraries, so "
+                           f"the extension would crash the process when it formats an error message; build "
+                           f"with a compiler that links it dynamically, e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc")
+
+
 def _build_ext_class(base, use_cuda, avx2):
     class BuildExt(base):
         """Records what was built (pymaml/_build_info.py) and turns a failed compile into a warning."""
@@ -86,6 +121,7 @@ def _build_ext_class(base, use_cuda, avx2):
 
         def run(self):
             try:
+                _check_compiler()
                 super().run()
                 self._write_info(built=True, error="")
             except Exception as e:  # noqa: BLE001 - any compiler failure must not break the install

@@ -107,6 +107,7 @@ do_env() {
   echo "host: $(hostname)"
   nvidia-smi || true
   nvcc --version || true
+  echo "CC=${CC:-} CXX=${CXX:-}"; ${CXX:-c++} --version | head -n 1; file -L "$(command -v "${CXX:-c++}")" 2>/dev/null
   echo "CUDA_HOME=${CUDA_HOME:-} TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
   $PY - <<'EOF'
 import sys, torch
@@ -122,7 +123,32 @@ EOF
   command -v ninja && ninja --version
 }
 
+# A C++ compiler that links shared libraries against the shared libstdc++ (as torch is): a wrapper
+# that adds -static-libstdc++ gives the extension a second copy of the library, and formatting a
+# number into an error message then crashes (seen on a device image whose CXX was such a wrapper).
+pick_compiler() {
+  local t; t=$(mktemp -d)
+  printf '#include <sstream>\n#include <string>\nstd::string f(unsigned long n) { std::ostringstream s; s << n; return s.str(); }\n' >"$t/t.cpp"
+  local c
+  for c in "${CXX:-c++}" /usr/bin/g++ /usr/bin/c++ $(compgen -c g++- | sort -u | sed 's|^|/usr/bin/|'); do
+    [[ -x $(command -v "$c" 2>/dev/null) ]] || continue
+    if "$c" -shared -fPIC -o "$t/t.so" "$t/t.cpp" 2>/dev/null && readelf -d "$t/t.so" | grep -q 'libstdc++'; then
+      if [[ $c != "${CXX:-c++}" ]]; then
+        echo "CXX=${CXX:-c++} links libstdc++ statically; using $c"
+        export CXX=$c CC=${c%++}cc
+        [[ $c == */g++* ]] && CC=${c/g++/gcc}
+        export CC
+      fi
+      echo "C++ compiler: ${CXX:-c++} ($("${CXX:-c++}" -dumpfullversion 2>/dev/null)), C compiler: ${CC:-cc}"
+      rm -rf "$t"; return 0
+    fi
+  done
+  echo "no C++ compiler here links libstdc++ dynamically; setup.py will refuse to build"
+  rm -rf "$t"
+}
+
 do_build() {
+  pick_compiler
   local stamp=build/gpu_run.stamp hash
   hash=$(src_hash)
   if compgen -G "pymaml/_C*.so" >/dev/null && [[ -f $stamp && $(cat "$stamp") == "$hash" ]]; then
@@ -246,7 +272,7 @@ bench() {  # bench SCRIPT LIMIT_S OUTFILE EXTRA_ARGS: benchmarks/SCRIPT --device
 
 # Stage bodies run under `timeout`, i.e. in a child bash.
 export PY ROOT
-export -f src_hash do_build do_info do_sanitize do_mixed
+export -f src_hash pick_compiler do_build do_info do_sanitize do_mixed
 START_MARK=$(mktemp)
 say "gpu_run.sh: stages ${STAGES[*]}; budget ${BUDGET}s; repo $ROOT; OUT $OUT"
 for st in "${STAGES[@]}"; do
