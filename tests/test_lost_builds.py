@@ -144,3 +144,34 @@ def test_intact_build_loads(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["backend"] == "compiled" and result["warnings"] == [], result
+
+
+ROOT = os.path.dirname(PKG)
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None or shutil.which("g++") is None, reason="needs g++ and readelf")
+def test_build_refuses_a_compiler_that_links_libstdcxx_statically(tmp_path):
+    """A compiler wrapper that adds -static-libstdc++ gives the extension its own copy of libstdc++,
+    and formatting a number into an error message then crashes the process. setup.py refuses such a
+    compiler before compiling anything: the install falls back to pure torch and says why, or fails
+    under PYMAML_FORCE_CUDA=1."""
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    shutil.copytree(os.path.join(ROOT, "csrc"), tmp_path / "csrc")
+    (tmp_path / "pymaml").mkdir()
+    (tmp_path / "pymaml" / "__init__.py").write_text("")
+    env = {**os.environ, "CXX": "g++ -static-libstdc++", "PYMAML_NO_CUDA": "1"}
+    env.pop("PYMAML_FORCE_CUDA", None)
+    run = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "links libstdc++ statically" in run.stderr and "CXX=/usr/bin/g++" in run.stderr
+    info = (tmp_path / "pymaml" / "_build_info.py").read_text()
+    assert "BUILT = False" in info and "links libstdc++ statically" in info
+    assert not list((tmp_path / "pymaml").glob("_C*.so"))
+    if torch.version.cuda and (os.environ.get("CUDA_HOME") or os.path.exists("/usr/local/cuda/bin/nvcc")):
+        # PYMAML_FORCE_CUDA=1 turns the refusal into a failed build (it is checked before nvcc runs)
+        env.pop("PYMAML_NO_CUDA")
+        forced = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
+                                env={**env, "PYMAML_FORCE_CUDA": "1"}, capture_output=True, text=True, timeout=600)
+        assert forced.returncode != 0 and "links libstdc++ statically" in forced.stderr, forced.stderr[-2000:]
