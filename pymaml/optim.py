@@ -26,6 +26,7 @@ meta-batch (:mod:`pymaml.distributed`, ``docs/distributed.md``)::
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional, Union
 
 import torch
@@ -226,6 +227,15 @@ class MetaOptimizer:
                         "nonfinite='allow' to apply them")
                 return self._skip(stats)
         self._clip(stats)
+        if self.nonfinite != "allow" and not math.isfinite(stats.get("grad_norm", 0.0)):
+            # a finite meta-gradient whose norm overflows: clipping would scale it to zero
+            where = (f"global_norm: the global norm of the meta-gradient, {stats['grad_norm']}, is not finite (its "
+                     f"sum of squares exceeds the range of the gradients' dtype), so clipping to max_grad_norm="
+                     f"{self.max_grad_norm} would scale every gradient by 0")
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"MetaOptimizer.step: {where}, at outer step {self.steps_done}; nothing "
+                                         "was updated. Pass nonfinite='skip' to skip such steps")
+            return self._skip(stats)
         if found_inf is None:
             self.optimizer.step()
         else:  # GradScaler's protocol: the fused kernels skip the update on the device when found_inf != 0
