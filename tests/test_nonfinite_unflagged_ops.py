@@ -294,3 +294,21 @@ def test_linear_head_hvp(monkeypatch, fault, where, index, step):
         assert _adjoint(step) in msg, msg
         flagged = msg.split(_adjoint(step))[1].split("; ")[0]
         assert head[index] in flagged and not any(n in flagged for n in body), msg
+
+
+def test_step_flags_with_fixed_columns():
+    from pymaml.functional.nonfinite import StepFlags
+    flags = StepFlags.new(["a", "b"], [torch.zeros(2), torch.zeros(3)], 2, fixed_names=["f"], fixed=[torch.zeros(1)])
+    assert flags.flags.shape == (2, 2, 3) and flags.slot(1, 0).shape == (2,)
+    flags.raise_fixed(0, [torch.tensor(True)])
+    assert flags.first(flags.flags) is None
+    flags.raise_fixed(0, [torch.tensor(False)])
+    flags.slot(1, 0)[1] = 1.0
+    assert flags.first(flags.flags) == (
+        "backward_step at adjoint step 0: v_0 = v_1 − H_0(α_0 ⊙ v_1), the Hessian-vector product of step 0, the "
+        "adjoint v_1 or the step sizes, in ['b']; and hvp at adjoint step 0: the mixed second derivative "
+        "∇²_{φθ} L_s(θ_0)(α_0 ⊙ v_1) passed to the inputs the inner loop does not adapt, in ['f']")
+    assert flags.flags[0].sum() == 0
+    if torch.cuda.is_available():  # fixed inputs on another device get no columns
+        other = StepFlags.new(["a"], [torch.zeros(2)], 1, fixed_names=["f"], fixed=[torch.zeros(1, device="cuda")])
+        assert other.fixed == 0 and other.flags.shape == (2, 1, 1)

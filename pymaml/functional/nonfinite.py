@@ -51,11 +51,13 @@ class StepFlags:
             fixed: Sequence[Tensor] = ()) -> Optional["StepFlags"]:
         """Zeroed flags for ``steps`` inner steps over ``tensors`` and the ``fixed`` inputs (None when
         there is nothing to flag, or the tensors span several devices: one flag tensor serves one
-        device)."""
-        every = list(tensors) + list(fixed)
-        if steps == 0 or not tensors or any(t.device != every[0].device for t in every):
+        device; fixed inputs on another device than ``tensors`` get no columns)."""
+        if steps == 0 or not tensors or any(t.device != tensors[0].device for t in tensors):
             return None
-        return StepFlags(torch.zeros(2, steps, len(every), dtype=torch.float32, device=every[0].device),
+        if any(t.device != tensors[0].device for t in fixed):
+            fixed_names, fixed = (), ()
+        return StepFlags(torch.zeros(2, steps, len(tensors) + len(fixed), dtype=torch.float32,
+                                     device=tensors[0].device),
                          list(names) + list(fixed_names), rows, len(fixed))
 
     def slot(self, row: int, i: int) -> Tensor:
@@ -76,7 +78,7 @@ class StepFlags:
             for i in order:
                 bad = host[row, i].nonzero().flatten().tolist()
                 found = []
-                for (op, what), cols in (((self.rows[row]), [j for j in bad if j < n]),
+                for (op, what), cols in ((self.rows[row], [j for j in bad if j < n]),
                                          (MIXED, [j for j in bad if j >= n])):
                     if cols:
                         found.append(f"{op} at {what.format(i=i, j=i + 1)}, in {[self.names[j] for j in cols]}")
