@@ -26,6 +26,7 @@ meta-batch (:mod:`pymaml.distributed`, ``docs/distributed.md``)::
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional, Union
 
 import torch
@@ -69,8 +70,12 @@ class MetaOptimizer:
             meta-gradient, once per outer step. With ``"skip"`` and an outer optimizer that takes
             GradScaler's ``found_inf`` (``fused=True`` SGD, Adam, AdamW, Adagrad), nothing is read:
             the optimizer skips on the device and ``skipped_steps`` is read from the device when
-            asked. With ``distributed=True``, and with a scaler (whose scaled adjoint may overflow
-            by design), only the meta-gradient decides.
+            asked. With ``distributed=True`` the meta-gradient is the reduced one and a step flag
+            set on any rank counts on every rank (it travels in the meta-gradient's reduction), so
+            the ranks decide alike; the message names the op and step where this rank met the value,
+            or says that another rank did. With a scaler (whose scaled adjoint may overflow by
+            design) only the meta-gradient decides; it is reduced before the scaler looks, so with
+            ``distributed=True`` a NaN or Inf on one rank makes every rank skip.
         scaler: a ``torch.amp.GradScaler`` for float16 autocast. :meth:`backward` multiplies the
             query losses by the scaler's scale before differentiating (the support losses, and so
             the inner loop, are not scaled), :meth:`step` unscales the gradients once
@@ -98,6 +103,7 @@ class MetaOptimizer:
                              "every step whose gradients are not finite; use 'skip' or 'raise'")
         self.nonfinite, self._skipped, self._skipped_on_device = nonfinite, 0, None
         self._flags = None  # the StepFlags of the last meta-gradient
+        self._flagged_anywhere = None  # distributed: 0-d, > 0 when a step flag was set on some rank
         if distributed and not _dist.is_initialized():
             raise RuntimeError("MetaOptimizer(distributed=True): torch.distributed is not initialized; call "
                                "pymaml.distributed.init_from_env() (under torchrun) or "
@@ -186,18 +192,20 @@ class MetaOptimizer:
         n = task_count(tasks)
         named = [(n_, p) for n_, p in self.model.named_parameters() if p.requires_grad]
         named += [("algorithm." + n_, p) for n_, p in self.algorithm.named_parameters()]
-        grads, stats, acc = {}, [0.0, 0.0, 0.0], None
+        grads, stats, acc = {}, [0.0, 0.0, 0.0, 0.0], None
         if n > 0:
             res = self._meta_gradient(tasks)
             self._flags = res.nonfinite
             grads = dict(res.grads)
             grads.update({"algorithm." + k: g for k, g in res.extra_grads.items()})
             acc = query_accuracy(tasks, res.query_outputs)
-            stats = [res.query_loss, res.support_loss, 0.0 if acc is None else acc]
+            # this rank's step flags, as one number in the statistics' reduction: > 0 when any rank's are set
+            flagged = 0.0 if res.nonfinite is None else (res.nonfinite.flags != 0).any().float()
+            stats = [res.query_loss, res.support_loss, 0.0 if acc is None else acc, flagged]
             self.last_info = dict(res.info)
         else:  # an empty share: zeros into the same collectives; the algorithm's counter still advances
             self.algorithm.iteration += 1
-        reduced, (q, s, a), total = _dist.reduce_grads(named, grads, n, stats, group=self.group)
+        reduced, (q, s, a, self._flagged_anywhere), total = _dist.reduce_grads(named, grads, n, stats, group=self.group)
         for name, p in named:
             if reduced[name] is not None:
                 self._accumulate(p, reduced[name])
@@ -209,7 +217,7 @@ class MetaOptimizer:
     def step(self, tasks) -> Dict[str, float]:
         """zero_grad, :meth:`backward`, optional clipping, ``outer_optimizer.step()``."""
         self.zero_grad()
-        self._flags = None
+        self._flags = self._flagged_anywhere = None
         stats = self.backward(tasks)
         if self.scaler is not None:
             return self._scaled_step(stats)
@@ -226,6 +234,15 @@ class MetaOptimizer:
                         "nonfinite='allow' to apply them")
                 return self._skip(stats)
         self._clip(stats)
+        if self.nonfinite != "allow" and not math.isfinite(stats.get("grad_norm", 0.0)):
+            # a finite meta-gradient whose norm overflows: clipping would scale it to zero
+            where = (f"global_norm: the global norm of the meta-gradient, {stats['grad_norm']}, is not finite (its "
+                     f"sum of squares exceeds the range of the gradients' dtype), so clipping to max_grad_norm="
+                     f"{self.max_grad_norm} would scale every gradient by 0")
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"MetaOptimizer.step: {where}, at outer step {self.steps_done}; nothing "
+                                         "was updated. Pass nonfinite='skip' to skip such steps")
+            return self._skip(stats)
         if found_inf is None:
             self.optimizer.step()
         else:  # GradScaler's protocol: the fused kernels skip the update on the device when found_inf != 0
@@ -293,8 +310,8 @@ class MetaOptimizer:
         self._skipped, self._skipped_on_device = int(n), None
 
     def _step_flags(self):
-        """The last meta-gradient's StepFlags when they may decide (not distributed: they are this
-        rank's own), else None."""
+        """The last meta-gradient's StepFlags when they alone may decide (not distributed: they are
+        this rank's own), else None."""
         return None if self.distributed else self._flags
 
     def _found_inf_on_device(self) -> Optional[Tensor]:
@@ -308,14 +325,17 @@ class MetaOptimizer:
         bad = torch.stack([~g.isfinite().all() for g in grads]).any() if grads else flags.flags.new_zeros((), dtype=torch.bool)
         if flags is not None:
             bad = bad | (flags.flags != 0).any()
+        if self._flagged_anywhere is not None:  # distributed: a step flag on any rank
+            bad = bad | (self._flagged_anywhere.to(bad.device) > 0)
         return bad.to(torch.float32)
 
     def _find_nonfinite(self, use_flags: bool = True) -> Optional[str]:
         """None when every ``.grad`` (and step flag, with ``use_flags``) is finite, else where the
         NaN or Inf first appeared and which meta-gradients hold one. One device-side reduction,
-        one read."""
+        one read. Distributed, the flags of every rank count (:attr:`_flagged_anywhere`), so that
+        every rank decides alike."""
         named = [(n, p.grad) for n, p in self._named_parameters() if p.grad is not None]
-        flags = self._step_flags() if use_flags else None
+        flags = self._flags if use_flags else None
         if not named and flags is None:
             return None
         dev = named[0][1].device if named else flags.flags.device
@@ -325,6 +345,9 @@ class MetaOptimizer:
         host = torch.cat(parts).cpu()  # the one read per outer step
         bad = [n for (n, _), ok in zip(named, host[:len(named)].tolist()) if not ok]
         first = flags.first(host[len(named):].view(flags.flags.shape)) if flags is not None else None
+        if self.distributed and use_flags:
+            anywhere = self._flagged_anywhere is not None and float(self._flagged_anywhere) > 0
+            first = (first or "another rank's inner loop or adjoint sweep") if anywhere else None
         if not bad and first is None:
             return None
         where = [f"first in {first}"] if first else []

@@ -195,8 +195,8 @@ def test_a_flag_alone_decides_even_when_the_meta_gradient_is_finite(monkeypatch)
     from pymaml.functional import nonfinite
     orig = nonfinite.StepFlags.new
 
-    def preset(*args):
-        flags = orig(*args)
+    def preset(*args, **kw):
+        flags = orig(*args, **kw)
         flags.flags[0, 1, 3] = 1.0  # as if sgd_update of inner step 1 had met a NaN in '2.bias'
         return flags
 

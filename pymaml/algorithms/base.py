@@ -205,16 +205,17 @@ class Algorithm(nn.Module):
 
     # -- evaluation -------------------------------------------------------------------------------
     def adapt(self, support: Tuple[Tensor, Tensor], steps: Optional[int] = None,
-              params: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
+              params: Optional[Dict[str, Tensor]] = None, flags=None) -> Dict[str, Tensor]:
         """θ_K for one task (detached), with the algorithm's own inner loop, from ``params``
-        (default: the model's parameters)."""
+        (default: the model's parameters); ``flags`` as in :func:`pymaml.functional.inner_loop`."""
         steps = self.eval_steps if steps is None else steps
         with torch.no_grad():
             lr = self.step_sizes(steps, detach=True)
         if params is None:
             params = {n: p.detach() for n, p in self.params().items()}
         return inner_loop(self.model, support, self.loss_fn, params=params, steps=steps, lr=lr,
-                          adapt=self.adapted_names(), weight_decay=self.weight_decay, batch_norm=self.batch_norm)
+                          adapt=self.adapted_names(), weight_decay=self.weight_decay, batch_norm=self.batch_norm,
+                          flags=flags)
 
     def evaluate(self, tasks, steps: Optional[int] = None) -> Tuple[List[float], List[Tensor]]:
         """Per task: (query loss after ``steps`` inner steps, query outputs). BatchNorm follows the

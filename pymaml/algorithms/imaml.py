@@ -15,7 +15,15 @@ iMAML); the unrolled and recompute engines differentiate the inner loop's path, 
 design does not, so they raise. Tasks run one at a time (``task_batching="vmap"`` raises);
 ``memory_format`` and ``batch_norm`` are honoured as by the engines (the support passes of the
 proximal loop and the query pass count for BatchNorm running statistics; HVP passes do not).
+
+Non-finite values are recorded on the device (:class:`pymaml.functional.nonfinite.StepFlags`,
+shared by the tasks) for :class:`pymaml.MetaOptimizer` to name: row 0, entry i, by the fused update
+of proximal step i; row 1, entry 0, by the implicit meta-gradient, when the query gradient
+∇L_q(φ), a Hessian-vector product of the conjugate-gradient solve or its solution holds NaN or Inf
+(a non-finite product would otherwise end the solve as if the curvature were negative, and the
+first-order answer would hide it).
 """
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -28,6 +36,8 @@ from ..functional.batching import Unit
 from ..functional.buffers import batch_norm_policy
 from ..functional.engines import DEFAULT_HVP
 from ..functional.hessian import hessian_vector_product, loss_and_grad
+from ..functional.nonfinite import StepFlags
+from ..reference.updates import finite, raise_flag
 from .base import Algorithm, MetaStep, task_list
 
 
@@ -35,30 +45,58 @@ def _dot(a: List[Tensor], b: List[Tensor]) -> Tensor:
     return sum((x * y).sum() for x, y in zip(a, b))
 
 
-def conjugate_gradient(A, b: List[Tensor], steps: int, tol: float = 1e-12) -> List[Tensor]:
+#: StepFlags rows of iMAML: its proximal inner loop, its implicit meta-gradient
+ROWS = (("sgd_update", "proximal inner step {i}: φ_{j} = φ_{i} − α(∇L_s(φ_{i}) + λ(φ_{i} − θ)), the support "
+                       "gradient at φ_{i} or φ_{i}"),
+        ("conjugate_gradient", "the implicit meta-gradient (I + H/λ)⁻¹ ∇L_q(φ): the query gradient ∇L_q(φ), a "
+                               "Hessian-vector product at φ or the solution"))
+
+
+def _flag(found_inf: Optional[Tensor], tensors: List[Tensor]) -> None:
+    """found_inf[j] ← 1 where tensors[j] holds NaN or Inf, on the device (no host sync)."""
+    if found_inf is not None:
+        raise_flag(found_inf, [finite(t.detach()) for t in tensors])
+
+
+def conjugate_gradient(A, b: List[Tensor], steps: int, tol: float = 1e-12,
+                       found_inf: Optional[Tensor] = None) -> List[Tensor]:
     """x ≈ A⁻¹ b for a symmetric operator A on lists of tensors, by conjugate gradient.
 
-    Truncated where A shows non-positive curvature along the search direction (I + H/λ is
-    indefinite when the support loss is non-convex and λ is small): the iterate so far is returned,
-    or b itself (the first-order answer) if that happens at the first iteration.
+    Truncated where A shows non-positive or non-finite curvature along the search direction (I + H/λ
+    is indefinite when the support loss is non-convex and λ is small), or the residual is not
+    finite: the iterate so far is returned, or b itself (the first-order answer) if that happens at
+    the first iteration.
+
+    ``found_inf`` (optional, float32, one entry or one per tensor) is set on the device where b, a
+    product A(p) or the result holds NaN or Inf. A non-finite product ends the solve with a finite
+    iterate, so without the flag it would go unnoticed; ending there also keeps the flag to the
+    tensors where the product first went wrong.
     """
+    _flag(found_inf, b)
     x = [torch.zeros_like(t) for t in b]
     r = [t.clone() for t in b]
     p = [t.clone() for t in b]
     rs = _dot(r, r)
     for k in range(steps):
-        if float(rs) <= tol:
+        rs_h = float(rs)
+        if rs_h <= tol:
+            break
+        if not math.isfinite(rs_h):
+            x = [t.clone() for t in b] if k == 0 else x
             break
         Ap = A(p)
+        _flag(found_inf, Ap)
         curv = _dot(p, Ap)
-        if not float(curv) > 0:
-            return [t.clone() for t in b] if k == 0 else x
+        if not 0 < float(curv) < math.inf:
+            x = [t.clone() for t in b] if k == 0 else x
+            break
         alpha = rs / curv
         x = [xi + alpha * pi for xi, pi in zip(x, p)]
         r = [ri - alpha * api for ri, api in zip(r, Ap)]
         rs_new = _dot(r, r)
         p = [ri + (rs_new / rs) * pi for ri, pi in zip(r, p)]
         rs = rs_new
+    _flag(found_inf, x)
     return x
 
 
@@ -82,16 +120,18 @@ class iMAML(Algorithm):
     def _unit(self, task: Task) -> Unit:
         return Unit(self.model, self.loss_fn, list(self.params()), [], task, batched=False)
 
-    def _proximal(self, unit: Unit, theta: List[Tensor], steps: int, bn) -> List[Tensor]:
+    def _proximal(self, unit: Unit, theta: List[Tensor], steps: int, bn,
+                  flags: Optional[StepFlags] = None) -> List[Tensor]:
         """φ_{i+1} = φ_i − α(∇L_s(φ_i) + λ(φ_i − θ)), from φ_0 = θ; each support pass counts for
-        BatchNorm running statistics."""
+        BatchNorm running statistics; ``flags`` (row 0) records non-finite updates."""
         phi = theta
-        for _ in range(steps):
+        for i in range(steps):
             with bn.counted():
                 _, _, g, _ = loss_and_grad(unit, phi, [], "s")
             g = [gi + self.lam * (p - t) for gi, p, t in zip(g, phi, theta)]
             with torch.no_grad():
-                phi = ops.sgd_update(phi, g, self.inner_lr, self.weight_decay)
+                phi = ops.sgd_update(phi, g, self.inner_lr, self.weight_decay,
+                                     found_inf=None if flags is None else flags.slot(0, i))
         return phi
 
     def adapt(self, support: Tuple[Tensor, Tensor], steps: Optional[int] = None,
@@ -112,6 +152,8 @@ class iMAML(Algorithm):
         theta = [_layout.to_layout(p, layout) for p in own.values()]
         method = DEFAULT_HVP if self.hvp == "auto" else self.hvp
         total = [torch.zeros_like(p) for p in theta]
+        flags = StepFlags.new(list(own), theta, max(self.inner_steps, 1), rows=ROWS)
+        solution = None if flags is None else flags.slot(1, 0)
         q_losses, s_losses, outputs = [], [], []
         with batch_norm_policy(self.model, policy=self.batch_norm) as bn:
             for t in tasks:
@@ -119,18 +161,19 @@ class iMAML(Algorithm):
                 unit.to_layout(layout)
                 with torch.no_grad():
                     s_losses.append(unit.loss(theta, [], "s")[0])
-                phi = self._proximal(unit, theta, self.inner_steps, bn)
+                phi = self._proximal(unit, theta, self.inner_steps, bn, flags)
                 unit.query_scale = loss_scale
                 with bn.counted():
                     lq, out, gq, _ = loss_and_grad(unit, phi, [], "q")
                 lq = lq / loss_scale
                 if self.engine == "first_order":
                     x = gq
+                    _flag(solution, x)
                 else:
                     def A(v, phi=phi, unit=unit):
                         hv = hessian_vector_product(method, unit, phi, [], v)[1]
                         return [vi + hi / self.lam for vi, hi in zip(v, hv)]
-                    x = conjugate_gradient(A, gq, self.cg_steps)
+                    x = conjugate_gradient(A, gq, self.cg_steps, found_inf=solution)
                 total = [a + b for a, b in zip(total, x)]
                 q_losses.append(lq)
                 outputs.append(out)
@@ -141,4 +184,4 @@ class iMAML(Algorithm):
                         support_loss=torch.stack(s_losses).mean(),
                         info={"engine": "implicit (CG)" if self.engine != "first_order" else "first_order",
                               "hvp": method if self.engine != "first_order" else None, "task_batching": "loop",
-                              "memory_format": layout, "batch_norm": self.batch_norm})
+                              "memory_format": layout, "batch_norm": self.batch_norm}, nonfinite=flags)

@@ -7,11 +7,17 @@ reported query loss is measured at θ_K and is not differentiated. Reptile diffe
 so ``engine`` and ``hvp`` must stay ``"auto"`` and ``task_batching`` may not be ``"vmap"``;
 ``memory_format`` is honoured as by the engines (channels-last for conv nets on the CPU under
 ``"auto"``).
+
+Non-finite values: every inner update sets its entry of the step's ``found_inf`` flag on the
+device (:class:`pymaml.functional.nonfinite.StepFlags`, row 0, shared by the tasks), so that
+:class:`pymaml.MetaOptimizer` can name the inner step and the parameters where a NaN or Inf first
+appeared; nothing is read on the host here.
 """
 import torch
 
 from ..functional import layout as _layout
 from ..functional.buffers import batch_norm_policy
+from ..functional.nonfinite import StepFlags
 from .._checks import check_loss_scale
 from .base import Algorithm, MetaStep, task_list
 
@@ -35,10 +41,12 @@ class Reptile(Algorithm):
         layout = _layout.resolve(self.name, self.memory_format, self.model, list(own.values()), False)
         params = {n: _layout.to_layout(p, layout) for n, p in own.items()}
         grads = {n: torch.zeros_like(p) for n, p in params.items()}
+        adapted = self.adapted_names() or list(params)
+        flags = StepFlags.new(adapted, [params[n] for n in adapted], self.inner_steps)
         q_losses, s_losses, outputs = [], [], []
         for t in tasks:
             x_s, x_q = _layout.to_layout(t.support[0], layout), _layout.to_layout(t.query[0], layout)
-            fast = self.adapt((x_s, t.support[1]), self.inner_steps, params=params)
+            fast = self.adapt((x_s, t.support[1]), self.inner_steps, params=params, flags=flags)
             for n in grads:
                 grads[n] += params[n] - fast[n]
             out, lq = self.query_pass(fast, (x_q, t.query[1]))
@@ -52,4 +60,4 @@ class Reptile(Algorithm):
                         query_loss=torch.stack(q_losses).mean(), query_outputs=outputs,
                         support_loss=torch.stack(s_losses).mean(),
                         info={"engine": "reptile", "hvp": None, "task_batching": "loop", "memory_format": layout,
-                              "batch_norm": self.batch_norm})
+                              "batch_norm": self.batch_norm}, nonfinite=flags)

@@ -392,7 +392,7 @@ def _meta_gradient(model, tasks, loss_fn, opts: _Options) -> MetaGradient:
                       weights=weights, weight_decay=float(opts.weight_decay), scale=1.0 / n_tasks, hvp=hvp,
                       keep_graph_bytes=float(opts.keep_graphs_mib) * 2**20,
                       tape=RngTape(has_randomness(model), dev), bn=bn,
-                      flags=StepFlags.new(names_ad, theta0, steps))
+                      flags=StepFlags.new(names_ad, theta0, steps, fixed_names=names_fx, fixed=phi0))
         head_kind = None
         if engine == "recompute" and hvp_auto:
             head_kind = head_path.applicable(model, names_ad, loss_fn)

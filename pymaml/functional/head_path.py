@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..reference.updates import finite
 from .buffers import has_randomness
 from .sweep import Setup, Steps, UnitResult, adjoint_sweep, forward_sweep
 
@@ -154,6 +155,10 @@ class HeadSteps(Steps):
         if i_b is not None:
             hu[i_b] = r.hvp_bias
         return None, hu, [r.grad_x, None]
+
+    def mixed_ok(self, mixed):
+        # the mixed term is the support features' gradient: it reaches every fixed (body) parameter
+        return [finite(mixed[0].detach())]
 
 
 def run_head_path(model: nn.Module, loss_kind: str, unit, setup: Setup) -> UnitResult:

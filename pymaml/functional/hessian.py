@@ -171,14 +171,22 @@ _FD_SHRINK = 8.0
 _FD_RETRIES = 3
 
 
-def _kink_ratio(gp: Sequence[Tensor], gm: Sequence[Tensor], g0: Sequence[Tensor]) -> float:
+def _kink_ratio(gp: Sequence[Tensor], gm: Sequence[Tensor], g0: Sequence[Tensor], extra=0.0) -> float:
     """How far θ ± εu are from straddling a gradient jump: ‖g₊ − 2g₀ + g₋‖ / ‖g₊ − g₋‖. On a smooth
     loss the one-sided differences g₊ − g₀ and g₀ − g₋ agree to O(ε²), so the ratio is O(ε) (plus
     rounding); a ReLU or max-pool switch between θ and θ + εu (or θ − εu) puts its jump into one of
-    them only, and the ratio nears 1."""
+    them only, and the ratio nears 1. ``extra`` (0, or NaN for a non-finite perturbation) is added
+    on the device, so that the one read says both."""
     second = ops.global_norm([p - 2 * g + m for p, g, m in zip(gp, g0, gm)])
     first = ops.global_norm([p - m for p, m in zip(gp, gm)])
-    return float(second / first.clamp_min(torch.finfo(first.dtype).tiny))
+    return float(second / first.clamp_min(torch.finfo(first.dtype).tiny) + extra)
+
+
+def _nonfinite_terms(plus: Sequence[Tensor], minus: Sequence[Tensor]) -> List[Tensor]:
+    """Per tensor j, a 0-d term that is 0 when θ_j ± εu_j are finite and NaN otherwise (x − x), on
+    the device. Added to h_j: a model can turn a non-finite parameter into finite gradients (a
+    saturated tanh), and the difference would then be wrong without being non-finite."""
+    return [(p - p).sum() + (m - m).sum() for p, m in zip(plus, minus)]
 
 
 def _finite_difference(unit, theta, phi, u, replay, grad=None):
@@ -198,11 +206,14 @@ def _finite_difference(unit, theta, phi, u, replay, grad=None):
             replay()
         _, _, gm, gmp = loss_and_grad(unit, minus, phi, "s", with_phi=True)
         h = ops.fd_quotient(gp + gpp, gm + gmp, eps)
+        bad = _nonfinite_terms(plus, minus)
+        total = sum(bad)  # the mixed terms (fixed inputs) depend on every perturbed tensor
+        h = [hj + b.to(hj.dtype) for hj, b in zip(h, bad)] + [hk + total for hk in h[n:]]
         if grad is None:
             return None, h[:n], h[n:]
-        ratio = _kink_ratio(gp, gm, grad)
-        if ratio <= _FD_KINK_TOL:
-            return None, h[:n], h[n:]
+        ratio = _kink_ratio(gp, gm, grad, total)
+        if not ratio > _FD_KINK_TOL:  # smooth, or NaN: a non-finite gradient, which a smaller ε cannot
+            return None, h[:n], h[n:]  # mend; the adjoint step's found_inf flag reports it
         if first is None:
             first = (ratio, h)
         eps = eps / _FD_SHRINK

@@ -202,7 +202,7 @@ def model_call(model: nn.Module, names_ad: Sequence[str], names_fx: Sequence[str
 def inner_loop(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor], *,
           params: Optional[Mapping[str, Tensor]] = None, steps: int = 1, lr=0.01,
           adapt: Optional[Iterable[str]] = None, create_graph: bool = False,
-          weight_decay: float = 0.0, batch_norm: str = "mode") -> Dict[str, Tensor]:
+          weight_decay: float = 0.0, batch_norm: str = "mode", flags=None) -> Dict[str, Tensor]:
     """Runs K inner SGD steps on one task's support set; returns θ_K as a dict over every name in
     ``params`` (fixed, non-adapted entries are returned as given).
 
@@ -210,7 +210,10 @@ def inner_loop(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callab
     tensors (the unrolled path); otherwise θ_K is detached. BatchNorm follows ``batch_norm``
     (:mod:`pymaml.functional.buffers`): under ``"mode"`` a train-mode layer's running statistics
     are updated once per inner step, as by an ordinary forward pass. ``adapt`` names the adapted parameters, as in
-    :func:`~pymaml.functional.meta_gradient` (default: all).
+    :func:`~pymaml.functional.meta_gradient` (default: all). ``flags`` (a
+    :class:`pymaml.functional.nonfinite.StepFlags` over the adapted tensors, at least ``steps`` long)
+    records on the device, without a host sync, where the update of step i met NaN or Inf (row 0,
+    entry i); it is only ever set, so several tasks may share one.
 
     Also available under its former name ``pymaml.functional.adapt``.
     """
@@ -233,7 +236,7 @@ def inner_loop(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callab
                 loss = loss_fn(model_call(model, names_ad, names_fx, leaves, phi, x), y)
                 g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
                 g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, leaves)]
-                th = ops.sgd_update(leaves, g, plan_lr[i], weight_decay)
+                th = ops.sgd_update(leaves, g, plan_lr[i], weight_decay, found_inf=_slot(flags, i))
         else:
             th = [t.detach() for t in theta]
             ph = [p.detach() for p in phi]
@@ -243,10 +246,16 @@ def inner_loop(model: nn.Module, support: Tuple[Tensor, Tensor], loss_fn: Callab
                 g = torch.autograd.grad(loss, leaves, allow_unused=True)
                 g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, leaves)]
                 with torch.no_grad():
-                    th = ops.sgd_update([t.detach() for t in leaves], g, plan.step_lr(i), weight_decay)
+                    th = ops.sgd_update([t.detach() for t in leaves], g, plan.step_lr(i), weight_decay,
+                                        found_inf=_slot(flags, i))
     out = dict(params)
     out.update(zip(names_ad, th))
     return out
+
+
+def _slot(flags, i: int) -> Optional[Tensor]:
+    """The ``found_inf`` of the update of inner step i (None when not recorded)."""
+    return None if flags is None else flags.slot(0, i)
 
 
 #: former name of :func:`inner_loop`

@@ -17,7 +17,10 @@ H := 0 and no mixed terms).
 
 Non-finite values: with ``Setup.flags`` (a :class:`pymaml.functional.nonfinite.StepFlags`) the
 update of inner step i and the adjoint step i set their own slot of it on the device, in the same
-pass (``found_inf`` of the fused ops); nothing is read here.
+pass (``found_inf`` of the fused ops); the mixed terms of step i, which reach only the fixed inputs'
+gradients and no fused op, are checked on the device where they are made
+(:meth:`Steps.mixed_ok`, :meth:`~pymaml.functional.nonfinite.StepFlags.raise_fixed`). Nothing is
+read here.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..reference.updates import finite
 from .inner import LrPlan, mul_lr
 
 __all__ = ["Setup", "Steps", "Forward", "UnitResult", "forward_sweep", "adjoint_sweep"]
@@ -96,6 +100,14 @@ class Steps:
     def hvp(self, i: int, theta: List[Tensor], u: List[Tensor], grad: Optional[List[Tensor]]):
         """(g_i or None, H_i u, [mixed term or None per fixed input]) at step i."""
         raise NotImplementedError
+
+    def mixed_ok(self, mixed: Sequence[Optional[Tensor]]) -> List[Tensor]:
+        """Whether each mixed term of :meth:`hvp` is finite (0-d bools on the device), one per fixed
+        parameter (a single one counts for every fixed parameter)."""
+        dev = next((m.device for m in mixed if m is not None), None)
+        if dev is None:
+            return []
+        return [finite(m.detach()) if m is not None else torch.ones((), dtype=torch.bool, device=dev) for m in mixed]
 
     def forward_done(self) -> None:
         """Called after the last query loss of the forward sweep."""
@@ -180,6 +192,8 @@ def adjoint_sweep(steps: Steps, fwd: Forward, setup: Setup, second_order: bool =
             if g is None:
                 g = fwd.grads[i]
             fixed = [a if m is None else a - m for a, m in zip(fixed, mu)]
+            if setup.flags is not None and setup.flags.fixed:
+                setup.flags.raise_fixed(i, steps.mixed_ok(mu))
             if wd:
                 hu = [h + wd * x for h, x in zip(hu, u)]
         else:
