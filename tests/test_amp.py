@@ -62,6 +62,33 @@ def test_bfloat16_autocast_meta_gradient_close_to_float32(net, algorithm):
         assert _rel(extra["bf16"], extra["f32"]) < tol
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("net", ["mlp", "conv_bn"])
+def test_autocast_with_grad_scaler_meta_gradient_close_to_float32(net, dtype, device):
+    """float16 autocast with a GradScaler (bfloat16 without one) around MetaOptimizer.step, on the
+    CPU and on a GPU: the first step that is not skipped (float16 second derivatives overflow at the
+    initial scale 2^16, the scaler backs off, skipped steps leave the parameters alone) gives the
+    float32 meta-gradient within the bfloat16 tolerance above; parameters and gradients stay float32."""
+    model, loss_fn, tasks, tol = _nets()[net]
+    model, tasks = model.to(device), tuple(t.to(device) for t in tasks)
+    grads = {}
+    for name in ("f32", "amp"):
+        m = copy.deepcopy(model)
+        scaler = (torch.amp.GradScaler(device, init_scale=2.0 ** 16)
+                  if name == "amp" and dtype == torch.float16 else None)
+        meta = pymaml.MetaOptimizer(m, torch.optim.SGD(m.parameters(), lr=0.1), "maml", loss_fn,
+                                    inner_lr=0.1, inner_steps=2, scaler=scaler)
+        while meta.steps_done == 0 and meta.skipped_steps < 16:
+            with torch.autocast(device, dtype=dtype, enabled=name == "amp"):
+                meta.step(tasks)
+        assert meta.steps_done == 1
+        grads[name] = [p.grad for p in m.parameters()]  # unscaled in place by the scaler
+        for t in [*m.parameters(), *grads[name]]:
+            assert t.dtype == torch.float32
+    assert _rel(grads["amp"], grads["f32"]) < tol
+
+
 # -- loss scaling: meta_gradient(loss_scale=) and MetaOptimizer(scaler=torch.amp.GradScaler) ----------
 
 def _f64_problem():
