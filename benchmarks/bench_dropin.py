@@ -144,9 +144,8 @@ def agreement(name, l2l, tasks=2):
     return rel(out["l2l32"], out["l2l64"]), rel(out["pymaml32"], out["l2l64"])
 
 
-def run(name, threads, steps, l2l):
-    w = WORKLOADS[name]
-    torch.set_num_threads(threads)
+def make_learners(w, l2l):
+    """{library: (MAML wrapper, Adam)} over two copies of one randomly initialised model."""
     torch.manual_seed(0)
     base = w["model"](w["ways"])
     libs = {"learn2learn": l2l.algorithms.MAML, "pymaml": pymaml.MAML}
@@ -156,6 +155,14 @@ def run(name, threads, steps, l2l):
         model.load_state_dict(base.state_dict())
         maml = cls(model, lr=w["lr"], first_order=False)
         state[lib] = (maml, torch.optim.Adam(maml.parameters(), 0.003))
+    return state
+
+
+def run(name, threads, steps, l2l):
+    w = WORKLOADS[name]
+    torch.set_num_threads(threads)
+    state = make_learners(w, l2l)
+    libs = list(state)
     times = {lib: [] for lib in libs}
     first = {}
     for i in range(steps + 1):  # meta-step 0 is warm-up, untimed

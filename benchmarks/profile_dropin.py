@@ -43,15 +43,8 @@ def main():
         sys.exit(f"profile_dropin: learn2learn is not importable ({type(e).__name__}: {e})")
     torch.set_num_threads(args.threads)
     w = dict(B.WORKLOADS[args.workload], meta_batch=args.meta_batch)
-    torch.manual_seed(0)
-    base = w["model"](w["ways"])
-    libs = {"learn2learn": l2l.algorithms.MAML, "pymaml": pymaml.MAML}
-    state = {}
-    for lib, cls in libs.items():
-        model = w["model"](w["ways"])
-        model.load_state_dict(base.state_dict())
-        maml = cls(model, lr=w["lr"], first_order=False)
-        state[lib] = (maml, torch.optim.Adam(maml.parameters(), 0.003))
+    state = B.make_learners(w, l2l)
+    libs = list(state)
     tasks = B.make_tasks(w, seed=100)
     best = {lib: {} for lib in libs}
     wall = {lib: float("inf") for lib in libs}

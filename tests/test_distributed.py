@@ -146,27 +146,32 @@ def worker(out_dir: str) -> None:
         time.sleep(6)  # silent, never joins the collective
 
 
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
+def run_ranks(script, out, world, timeout):
+    """Runs `script out` as `world` gloo ranks on this machine (torchrun's environment variables) and
+    returns what each rank saved as out/rank{r}.pt; fails the test naming the rank that failed."""
     port = free_port()
     procs = []
-    for r in range(WORLD):
-        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+    for r in range(world):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out)], env=env, cwd=ROOT,
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(script), str(out)], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     for p in procs:
         try:
-            logs.append(p.communicate(timeout=240)[0])
+            logs.append(p.communicate(timeout=timeout)[0])
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            pytest.fail("distributed workers did not finish within 240 s")
+            pytest.fail(f"distributed workers did not finish within {timeout} s")
     for r, p in enumerate(procs):
         assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-4000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    return run_ranks(__file__, tmp_path_factory.mktemp("dist"), WORLD, timeout=240)
 
 
 @pytest.mark.parametrize("dname", list(DTYPES))

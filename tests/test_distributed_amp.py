@@ -8,7 +8,6 @@ skip decisions, the scales and its parameters after every step; the tests compar
 Without a scaler, a step flag set on one rank only (its meta-gradient finite) counts on every rank.
 """
 import os
-import subprocess
 import sys
 
 import pytest
@@ -19,7 +18,6 @@ import pymaml
 from pymaml import distributed as pdist
 from pymaml.models import MLP
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
 STEPS = 5
 #: outer step -> (rank, tensor of the 4-tuple, value): the faults, each on one rank only
@@ -101,26 +99,8 @@ def worker(out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    from test_distributed import free_port
-    out = tmp_path_factory.mktemp("dist_amp")
-    port = free_port()
-    procs = []
-    for r in range(WORLD):
-        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out)], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed workers did not finish within 120 s")
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-4000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    from test_distributed import run_ranks
+    return run_ranks(__file__, tmp_path_factory.mktemp("dist_amp"), WORLD, timeout=120)
 
 
 def test_a_fault_on_one_rank_skips_the_step_on_every_rank(ranks):
