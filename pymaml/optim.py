@@ -103,7 +103,7 @@ class MetaOptimizer:
                              "every step whose gradients are not finite; use 'skip' or 'raise'")
         self.nonfinite, self._skipped, self._skipped_on_device = nonfinite, 0, None
         self._flags = None  # the StepFlags of the last meta-gradient
-        self._flagged_anywhere = None  # distributed: 0-d, > 0 when a step flag was set on some rank
+        self._flagged_anywhere = None  # distributed: whether a step flag was set on some rank
         if distributed and not _dist.is_initialized():
             raise RuntimeError("MetaOptimizer(distributed=True): torch.distributed is not initialized; call "
                                "pymaml.distributed.init_from_env() (under torchrun) or "
@@ -205,7 +205,9 @@ class MetaOptimizer:
             self.last_info = dict(res.info)
         else:  # an empty share: zeros into the same collectives; the algorithm's counter still advances
             self.algorithm.iteration += 1
-        reduced, (q, s, a, self._flagged_anywhere), total = _dist.reduce_grads(named, grads, n, stats, group=self.group)
+        reduced, (q, s, a, f), total = _dist.reduce_grads(named, grads, n, stats, group=self.group)
+        if self.distributed:  # one reduced number, read with the losses below
+            self._flagged_anywhere = float(f) > 0
         for name, p in named:
             if reduced[name] is not None:
                 self._accumulate(p, reduced[name])
@@ -326,7 +328,7 @@ class MetaOptimizer:
         if flags is not None:
             bad = bad | (flags.flags != 0).any()
         if self._flagged_anywhere is not None:  # distributed: a step flag on any rank
-            bad = bad | (self._flagged_anywhere.to(bad.device) > 0)
+            bad = bad | self._flagged_anywhere
         return bad.to(torch.float32)
 
     def _find_nonfinite(self, use_flags: bool = True) -> Optional[str]:
@@ -346,7 +348,7 @@ class MetaOptimizer:
         bad = [n for (n, _), ok in zip(named, host[:len(named)].tolist()) if not ok]
         first = flags.first(host[len(named):].view(flags.flags.shape)) if flags is not None else None
         if self.distributed and use_flags:
-            anywhere = self._flagged_anywhere is not None and float(self._flagged_anywhere) > 0
+            anywhere = bool(self._flagged_anywhere)
             first = (first or "another rank's inner loop or adjoint sweep") if anywhere else None
         if not bad and first is None:
             return None
