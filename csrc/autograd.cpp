@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <pymaml/conv_gemm.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -177,26 +178,63 @@ struct ConvParams {
   }
   std::vector<int64_t> zeros() const { return std::vector<int64_t>(stride.size(), 0); }
 
-  at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b = std::nullopt) const {
+  // The kernels: torch's convolution for the value; the gradients of small CPU convolutions as
+  // buffer products (csrc/include/pymaml/conv_gemm.h), torch's convolution_backward elsewhere.
+  at::Tensor conv_kernel(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) const {
     return at::convolution(x, w, b, stride, padding, dilation, false, zeros(), groups);
   }
-  Tensor3 backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w, std::array<bool, 3> mask) const {
+  Tensor3 backward_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w,
+                          std::array<bool, 3> mask) const {
+    if (conv_gemm::applies(gy, x, w, stride, padding, dilation, groups))
+      return conv_gemm::backward(gy, x, w, stride, padding, mask);
     const std::vector<int64_t> bias_sizes{w.size(0)};
     return at::convolution_backward(gy, x, w, mask[2] ? std::optional<at::IntArrayRef>(bias_sizes) : std::nullopt,
                                     stride, padding, dilation, false, zeros(), groups, mask);
+  }
+
+  // From the autograd Functions: the ops' kernels through the dispatcher (so that fake and
+  // functional tensors reach their own kernels) where autograd does not record; torch's
+  // differentiable convolutions where it does (third and higher derivatives).
+  static bool recording(std::initializer_list<at::Tensor> ts) {
+    if (!at::GradMode::is_enabled()) return false;
+    for (const auto& t : ts)
+      if (t.defined() && t.requires_grad()) return true;
+    return false;
+  }
+  at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b = std::nullopt) const {
+    if (recording({x, w, value(b)})) return at::convolution(x, w, b, stride, padding, dilation, false, zeros(), groups);
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("pymaml::convolution", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                                 at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, w, b, stride, padding, dilation, groups);
+  }
+  Tensor3 backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w, std::array<bool, 3> mask) const {
+    if (recording({gy, x, w})) {
+      const std::vector<int64_t> bias_sizes{w.size(0)};
+      return at::convolution_backward(gy, x, w, mask[2] ? std::optional<at::IntArrayRef>(bias_sizes) : std::nullopt,
+                                      stride, padding, dilation, false, zeros(), groups, mask);
+    }
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("pymaml::convolution_backward", "")
+                               .typed<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                              at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 3>)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(gy, x, w, stride, padding, dilation, groups, mask);
   }
 };
 
 at::Tensor convolution_kernel(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               int64_t groups) {
-  return ConvParams{stride.vec(), padding.vec(), dilation.vec(), groups}.conv(x, weight, bias);
+  return ConvParams{stride.vec(), padding.vec(), dilation.vec(), groups}.conv_kernel(x, weight, bias);
 }
 
 Tensor3 convolution_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                     int64_t groups, std::array<bool, 3> mask) {
-  return ConvParams{stride.vec(), padding.vec(), dilation.vec(), groups}.backward(grad_y, x, weight, mask);
+  return ConvParams{stride.vec(), padding.vec(), dilation.vec(), groups}.backward_kernel(grad_y, x, weight, mask);
 }
 
 // The derivative of convolution_backward. Only the requested outputs (mask) are outputs of the
@@ -209,9 +247,12 @@ struct ConvBackwardFn : public torch::autograd::Function<ConvBackwardFn> {
     ctx->save_for_backward({gy, x, w});
     ctx->set_materialize_grads(false);
     auto [gx, gw, gb] = p.backward(gy, x, w, mask);
+    // the requested outputs only: at::convolution_backward may return more (grad_weight for a mask
+    // that asks for grad_bias alone)
+    const at::Tensor all[3] = {gx, gw, gb};
     variable_list out;
-    for (const auto& t : {gx, gw, gb})
-      if (t.defined()) out.push_back(t);
+    for (size_t k = 0; k < 3; ++k)
+      if (mask[k]) out.push_back(all[k]);
     return out;
   }
 

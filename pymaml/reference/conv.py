@@ -46,8 +46,10 @@ def convolution_backward(grad_y: Tensor, x: Tensor, weight: Tensor, stride: Sequ
                          ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(grad_x, grad_weight, grad_bias) of :func:`convolution` at ``grad_y``; None where ``mask`` is False."""
     bias_sizes = [weight.shape[0]] if mask[2] else None
-    return tuple(_conv_bwd(grad_y, x, weight, bias_sizes, stride, padding, dilation, False, [0] * len(stride),
-                           groups, list(mask)))
+    out = _conv_bwd(grad_y, x, weight, bias_sizes, stride, padding, dilation, False, [0] * len(stride), groups,
+                    list(mask))
+    # aten may return more than asked (grad_weight when only grad_bias is)
+    return tuple(t if m else None for t, m in zip(out, mask))
 
 
 class _Backward(torch.autograd.Function):
