@@ -4,8 +4,9 @@
 // node; the formulas are those of pymaml/_registration.py and pymaml/reference/ (the pure-torch
 // twins, which the tests compare against plain autograd).
 //
-// convolution: the value is at::convolution's. Its derivative is convolution_backward (values of
-// at::convolution_backward); the derivative of that is computed here with one weight-gradient and
+// convolution: the value is at::convolution's. Its derivative is convolution_backward (the values of
+// at::convolution_backward; on the CPU, for small convolutions, the buffer products of
+// csrc/include/pymaml/conv_gemm.h); the derivative of that is computed here with one weight-gradient and
 // one input-gradient kernel, where torch's ConvolutionBackwardBackward0 computes the weight part as
 // a convolution whose kernel is the whole feature map (dilated by the stride): 80 ms against 7 ms
 // for one [25, 32, 42, 42] layer of the MiniImageNet net on one CPU thread. Third and higher
@@ -266,10 +267,31 @@ struct ConvBackwardFn : public torch::autograd::Function<ConvBackwardFn> {
     for (size_t k = 0, j = 0; k < 3; ++k)
       if (mask[k]) gg[k] = grads[j++];
     const at::Tensor &ggx = gg[0], &ggw = gg[1], &ggb = gg[2];
-    at::Tensor d_gy, d_x, d_w;
-    if (ctx->needs_input_grad(0)) {
-      if (ggx.defined()) d_gy = p.conv(ggx, w);
-      if (ggw.defined()) d_gy = d_gy.defined() ? d_gy + p.conv(x, ggw) : p.conv(x, ggw);
+    at::Tensor d_gy, d_x, d_w, gy_a, gy_b;
+    const bool want_gy = ctx->needs_input_grad(0);
+    const bool want_x = ctx->needs_input_grad(1) && ggw.defined();
+    const bool want_w = ctx->needs_input_grad(2) && ggx.defined();
+    // two independent halves: the terms of ggx (conv(ggx, w), the weight gradient at ggx) and of
+    // ggw (conv(x, ggw), the input gradient with ggw); side by side on two CPU threads for the small
+    // convolutions whose gradients the buffer products compute (each kernel gains little from a
+    // second thread there), when the op's kernels serve them (autograd not recording)
+    auto half_a = [&] {
+      if (want_gy && ggx.defined()) gy_a = p.conv(ggx, w);
+      if (want_w) d_w = std::get<1>(p.backward(gy, ggx, w, {false, true, false}));
+    };
+    auto half_b = [&] {
+      if (want_gy && ggw.defined()) gy_b = p.conv(x, ggw);
+      if (want_x) d_x = std::get<0>(p.backward(gy, x, ggw, {true, false, false}));
+    };
+    if (ggx.defined() && ggw.defined() && !ConvParams::recording({gy, x, w, ggx, ggw}) &&
+        conv_gemm::applies(gy, x, w, p.stride, p.padding, p.dilation, p.groups)) {
+      conv_gemm::side_by_side(half_a, half_b);
+    } else {
+      half_a();
+      half_b();
+    }
+    if (want_gy) {
+      d_gy = gy_a.defined() ? (gy_b.defined() ? gy_a + gy_b : gy_a) : gy_b;
       if (ggb.defined()) {
         std::vector<int64_t> shape(gy.dim(), 1);
         shape[1] = -1;
@@ -277,8 +299,6 @@ struct ConvBackwardFn : public torch::autograd::Function<ConvBackwardFn> {
         d_gy = d_gy.defined() ? d_gy + b : b.expand(gy.sizes());
       }
     }
-    if (ctx->needs_input_grad(1) && ggw.defined()) d_x = std::get<0>(p.backward(gy, x, ggw, {true, false, false}));
-    if (ctx->needs_input_grad(2) && ggx.defined()) d_w = std::get<1>(p.backward(gy, ggx, w, {false, true, false}));
     return {d_gy, d_x, d_w, at::Tensor(), at::Tensor()};
   }
 };

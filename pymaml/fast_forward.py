@@ -12,11 +12,13 @@
   interception is a :class:`~torch.overrides.TorchFunctionMode` that sees every ``F.batch_norm``
   call of the forward, so BatchNorm layers written by hand with ``F.batch_norm`` are served too.
 - **Convolutions** (``F.conv2d`` with a gradient to record) go to ``torch.ops.pymaml.convolution``:
-  torch's values and first derivatives, and a second derivative computed with the weight- and
-  input-gradient kernels where torch's formula runs a convolution whose kernel is a whole feature
-  map (the slowest convolution of a second-order CPU meta-step; see
-  :mod:`pymaml.reference.conv`). Values and first derivatives are bit for bit torch's; second
-  derivatives sum in another order.
+  torch's values, and a second derivative computed with the weight- and input-gradient kernels
+  where torch's formula runs a convolution whose kernel is a whole feature map (the slowest
+  convolution of a second-order CPU meta-step; see :mod:`pymaml.reference.conv`). On the CPU the
+  gradient kernels of small convolutions (few-shot feature maps, e.g. the Omniglot net's 14×14 to
+  2×2 layers) are one matrix product over an im2col buffer, which beats oneDNN's per-call cost
+  there; ``PYMAML_CONV_GEMM=0`` keeps torch's kernels everywhere. Values are bit for bit torch's;
+  derivatives agree with torch's to rounding (they sum in another order).
 - **Channels-last inputs**: when the learner holds its conv weights channels-last (CPU conv nets,
   see :mod:`pymaml.functional.layout`), 4-D tensor arguments are laid out channels-last as well,
   so the whole pass stays in NHWC order.

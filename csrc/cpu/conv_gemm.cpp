@@ -99,9 +99,25 @@ void im2col_kernel(const at::Tensor& x, const Geom& g, T* cols) {
   });
 }
 
+// A [rows, cols] matrix in a per-thread buffer that is kept between calls (grow-only, up to
+// kScratchKeep elements). The buffers are megabytes: fresh allocations of that size are fresh pages
+// from the system each time, and the page faults cost about as much as the matrix product (measured
+// on the Omniglot net's 14×14 layer: both gradients in 1.8–2.0 ms with kept buffers, 2.5–4.1 ms
+// without). A result in it is valid until the same thread asks again.
+constexpr int64_t kScratchKeep = int64_t{1} << 22;
+
+at::Tensor scratch(int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  thread_local at::Tensor buffer;
+  const int64_t n = rows * cols;
+  if (n > kScratchKeep) return at::empty({rows, cols}, options);
+  const int64_t bytes = n * static_cast<int64_t>(options.dtype().itemsize());
+  if (!buffer.defined() || buffer.numel() < bytes) buffer = at::empty({std::max<int64_t>(bytes, 1 << 16)}, at::kByte);
+  return at::from_blob(buffer.data_ptr(), {rows, cols}, options);
+}
+
 at::Tensor im2col(const at::Tensor& x, const Geom& g) {
   const at::Tensor src = (x.stride(1) == 1 || g.C == 1) ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor cols = at::empty({g.rows(), g.K()}, x.options());
+  at::Tensor cols = scratch(g.rows(), g.K(), x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pymaml::conv_gemm::im2col",
                              [&] { im2col_kernel<scalar_t>(src, g, cols.mutable_data_ptr<scalar_t>()); });
   return cols;
@@ -202,7 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& gy, co
   const auto fmt = out_format(x, w);
   const at::Tensor gm = grad_matrix(gy, g);
   auto input_grad = [&] {
-    const at::Tensor dcols = at::mm(gm, weight_matrix(w, g)).contiguous();
+    at::Tensor dcols = scratch(g.rows(), g.K(), x.options());
+    at::mm_out(dcols, gm, weight_matrix(w, g));
     at::Tensor dx = at::empty({g.N, g.H, g.W, g.C}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pymaml::conv_gemm::col2im", [&] {
       col2im_kernel<scalar_t>(dcols.const_data_ptr<scalar_t>(), g, dx.mutable_data_ptr<scalar_t>());
@@ -217,27 +234,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& gy, co
     return nhwc_to(gwm.view({g.O, g.KH, g.KW, g.C}), fmt);
   };
   at::Tensor gx, gw, gb;
-  if (mask[0] && mask[1] && at::get_num_threads() >= 2 && !at::in_parallel_region()) {
-    // The two gradients side by side, each on one thread: small products gain little from a second
-    // thread each, two independent ones gain nearly twice. Each is computed as on one thread, so the
-    // result does not depend on which thread takes which.
-    const at::ThreadLocalState tls;
-    at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-      at::ThreadLocalStateGuard guard(tls);
-      for (int64_t i = begin; i < end; ++i) {
-        if (i == 0) {
-          gx = input_grad();
-        } else {
-          gw = weight_grad();
-        }
-      }
-    });
+  if (mask[0] && mask[1]) {
+    // small products gain little from a second thread each, two independent ones nearly twice
+    side_by_side([&] { gx = input_grad(); }, [&] { gw = weight_grad(); });
   } else {
     if (mask[0]) gx = input_grad();
     if (mask[1]) gw = weight_grad();
   }
   if (mask[2]) gb = gm.sum(0);
   return {gx, gw, gb};
+}
+
+bool can_run_side_by_side() { return at::get_num_threads() >= 2 && !at::in_parallel_region(); }
+
+void side_by_side(const std::function<void()>& a, const std::function<void()>& b) {
+  if (!can_run_side_by_side()) {
+    a();
+    b();
+    return;
+  }
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(tls);
+    for (int64_t i = begin; i < end; ++i) (i == 0 ? a : b)();
+  });
 }
 
 }  // namespace conv_gemm

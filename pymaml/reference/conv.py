@@ -21,7 +21,8 @@ cotangents (G_x, G_w, G_b) of (gx, gw, gb)):
 The values of the convolution and of its first backward are torch's (``torch.convolution``,
 ``aten.convolution_backward``); the second derivative sums in another order than torch's formula
 (float64 agreement to ~1e-15). Third and higher derivatives go through torch's formulas.
-The compiled twin is csrc/autograd.cpp.
+The compiled twin is csrc/autograd.cpp; on the CPU its gradient kernels for small convolutions are
+matrix products over an im2col buffer (csrc/cpu/conv_gemm.cpp), equal to these to rounding.
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <functional>
 #include <tuple>
 
 namespace pymaml {
@@ -48,6 +49,14 @@ bool applies(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w, at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& gy, const at::Tensor& x,
                                                         const at::Tensor& w, at::IntArrayRef stride,
                                                         at::IntArrayRef padding, std::array<bool, 3> mask);
+
+// Runs a() and b() side by side, each on one thread of torch's intra-op pool with the caller's
+// thread-local state (grad mode, dispatch keys, profiler), when the pool has two threads and the
+// caller is not already in a parallel region; else a() then b(). For pairs of independent small
+// kernels, which gain little from a second thread each. The first exception either throws is
+// rethrown.
+void side_by_side(const std::function<void()>& a, const std::function<void()>& b);
+bool can_run_side_by_side();
 
 }  // namespace conv_gemm
 }  // namespace pymaml
