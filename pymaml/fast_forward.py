@@ -62,13 +62,14 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     if running_mean is not None or running_var is not None:
         # The batch's statistics come with the normalisation (no second pass over x): the biased
         # variance is invstd⁻² − eps, made unbiased as F.batch_norm does for running_var.
+        # In place, two ops per statistic: this runs once per BatchNorm layer per forward pass.
         with torch.no_grad():
             n = input.numel() // input.shape[1]
             if running_mean is not None:
-                running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
+                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
             if running_var is not None:
-                var = (invstd.double().pow(-2) - eps) * (n / (n - 1))
-                running_var.copy_(momentum * var.to(running_var.dtype) + (1 - momentum) * running_var)
+                var = invstd.double().pow(-2).sub_(eps).mul_(n / (n - 1))  # pow: a new tensor (invstd is saved)
+                running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
     return y
 
 
