@@ -60,7 +60,7 @@ def main():
     aten_conv, aten_bwd = torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default
     ops = torch.ops.pymaml
     print(f"# torch {torch.__version__}, {args.dtype}, channels-last, {os.cpu_count()} cores; "
-          "ms per call (median of alternating rounds); ratio = torch / buffer product")
+          "ms per call (smallest of three medians, the two alternating); ratio = torch / buffer product")
     print("| layer | x | threads | op | torch ms | buffer product ms | ratio | auto rule |")
     print("|---|---|---|---|---|---|---|---|")
     for threads in [int(t) for t in args.threads.split(",")]:
