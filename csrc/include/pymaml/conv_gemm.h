@@ -2,9 +2,10 @@
 // (csrc/cpu/conv_gemm.cpp).
 //
 // A few-shot conv net runs many convolutions on small feature maps (an Omniglot 20-way task: 20
-// images of 64 channels at 14×14, 7×7, 4×4), and a second-order meta-step takes about three
-// gradient kernels per convolution value. oneDNN's gradient kernels pay a fixed cost per call that
-// is large next to such a layer's work. Here, for a non-grouped, non-dilated 2-D convolution, with
+// images of 64 channels at 14×14, 7×7, 4×4), and a second-order meta-step runs six gradient
+// kernels (weight or input) for each convolution of an inner step's forward pass: two in the inner
+// backward, two in the outer backward of that convolution and two in its second derivative.
+// oneDNN's gradient kernels pay a fixed cost per call that is large next to such a layer's work. Here, for a non-grouped, non-dilated 2-D convolution, with
 // K = kH·kW·C and the buffer
 //
 //   cols[(n, oh, ow), (kh, kw, c)] = x[n, c, oh·sH − pH + kh, ow·sW − pW + kw]   (0 outside),
