@@ -313,3 +313,35 @@ def test_backward_returns_only_the_requested_gradients(impl, gemm_mode_any):
                 assert got[k].shape == want[k].shape and rel(got[k], want[k]) < 1e-12
             else:
                 assert got[k] is None
+
+
+def test_engine_convolutions_run_the_op_and_match_plain_convolutions(gemm_mode_any):
+    """meta_gradient on a conv net: F.conv2d goes to pymaml::convolution (compiled path) or the
+    twin, and the exact meta-gradient equals the one through plain F.conv2d (float64)."""
+    import pymaml.functional.inner as inner
+    from pymaml.functional import Task, meta_gradient
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 4, 3, stride=2, padding=1), torch.nn.Flatten(),
+                              torch.nn.Linear(16, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    tasks = [Task((torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64), torch.arange(6) % 3),
+                  (torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64), torch.arange(6) % 3))
+             for _ in range(2)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = meta_gradient(net, tasks, F.cross_entropy, steps=2, lr=0.3)
+    assert not any("ConvolutionBackwardBackward0" in e.name for e in prof.events())
+    names = {e.name for e in prof.events()}
+    assert ("pymaml::convolution" in names) == HAS_COMPILED
+    plain = inner._has_conv2d
+    try:
+        inner._has_conv2d = lambda model: False
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            want = meta_gradient(net, tasks, F.cross_entropy, steps=2, lr=0.3)
+    finally:
+        inner._has_conv2d = plain
+    # torch's second derivative (with its whole-feature-map convolution) runs only in the plain run
+    torch_second = lambda p: any("ConvolutionBackwardBackward0" in e.name for e in p.events())  # noqa: E731
+    assert torch_second(prof) and "pymaml::convolution" not in {e.name for e in prof.events()}
+    flat = lambda m: torch.cat([t.flatten() for t in (m.grads.values() if isinstance(m.grads, dict) else m.grads)])  # noqa: E731
+    assert rel(flat(got), flat(want)) < 1e-12

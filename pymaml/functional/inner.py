@@ -19,6 +19,7 @@ variable (its gradient sums the uses), exactly as autograd would see it.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -192,10 +193,28 @@ def mul_lr(lr, v: Sequence[Tensor]) -> List[Tensor]:
     return [(a.to(t.dtype).reshape(()) if a.numel() == 1 else a.to(t.dtype)) * t for a, t in zip(lr, v)]
 
 
+_HAS_CONV2D: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _has_conv2d(model: nn.Module) -> bool:
+    has = _HAS_CONV2D.get(model)
+    if has is None:
+        has = _HAS_CONV2D[model] = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return has
+
+
 def model_call(model: nn.Module, names_ad: Sequence[str], names_fx: Sequence[str],
                theta: Sequence[Tensor], phi: Sequence[Tensor], x: Tensor) -> Tensor:
+    """The model at (θ, φ). A conv net's convolutions run through ``pymaml::convolution`` (see
+    :mod:`pymaml.fast_forward`; BatchNorm is handled by :mod:`.buffers`): torch's values, and
+    exact derivatives whose second order costs a weight-gradient kernel instead of torch's
+    whole-feature-map convolution (under torch.func transforms, plain ``F.conv2d``)."""
     d = dict(zip(names_ad, theta))
     d.update(zip(names_fx, phi))
+    if _has_conv2d(model):
+        from ..fast_forward import fast_forward
+        with fast_forward(fused_batch_norm=False):
+            return torch.func.functional_call(model, d, (x,))
     return torch.func.functional_call(model, d, (x,))
 
 
