@@ -188,6 +188,10 @@ struct ConvParams {
                           std::array<bool, 3> mask) const {
     if (conv_gemm::applies(gy, x, w, stride, padding, dilation, groups))
       return conv_gemm::backward(gy, x, w, stride, padding, mask);
+    return torch_backward(gy, x, w, mask);
+  }
+  Tensor3 torch_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w,
+                         std::array<bool, 3> mask) const {
     const std::vector<int64_t> bias_sizes{w.size(0)};
     return at::convolution_backward(gy, x, w, mask[2] ? std::optional<at::IntArrayRef>(bias_sizes) : std::nullopt,
                                     stride, padding, dilation, false, zeros(), groups, mask);
@@ -203,7 +207,7 @@ struct ConvParams {
     return false;
   }
   at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b = std::nullopt) const {
-    if (recording({x, w, value(b)})) return at::convolution(x, w, b, stride, padding, dilation, false, zeros(), groups);
+    if (recording({x, w, value(b)})) return conv_kernel(x, w, b);
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("pymaml::convolution", "")
                                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
@@ -212,11 +216,7 @@ struct ConvParams {
     return op.call(x, w, b, stride, padding, dilation, groups);
   }
   Tensor3 backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w, std::array<bool, 3> mask) const {
-    if (recording({gy, x, w})) {
-      const std::vector<int64_t> bias_sizes{w.size(0)};
-      return at::convolution_backward(gy, x, w, mask[2] ? std::optional<at::IntArrayRef>(bias_sizes) : std::nullopt,
-                                      stride, padding, dilation, false, zeros(), groups, mask);
-    }
+    if (recording({gy, x, w})) return torch_backward(gy, x, w, mask);
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("pymaml::convolution_backward", "")
                                .typed<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,

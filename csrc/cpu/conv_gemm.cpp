@@ -170,19 +170,25 @@ bool same_cpu_float(const at::Tensor& a, const at::Tensor& ref) {
          !a.is_conj() && !a.is_neg();
 }
 
-}  // namespace
-
-namespace {
 std::atomic<int> g_mode{-1};  // -1: not read from the environment yet
+
+bool can_run_side_by_side() { return at::get_num_threads() >= 2 && !at::in_parallel_region(); }
 
 Mode mode_from_env() {
   const auto v = c10::utils::get_env("PYMAML_CONV_GEMM");
-  if (!v.has_value() || v->empty() || *v == "auto") return Mode::kAuto;
-  if (*v == "0") return Mode::kNever;
-  if (*v == "1") return Mode::kAlways;
-  TORCH_CHECK_VALUE(false, "PYMAML_CONV_GEMM must be 0, 1 or auto, got '", *v, "'");
+  if (!v.has_value() || v->empty()) return Mode::kAuto;
+  const auto m = parse_mode(*v);
+  TORCH_CHECK_VALUE(m.has_value(), "PYMAML_CONV_GEMM must be 0, 1 or auto, got '", *v, "'");
+  return *m;
 }
+
 }  // namespace
+
+std::optional<Mode> parse_mode(const std::string& name) {
+  for (int k = 0; k < 3; ++k)
+    if (name == kModeNames[k]) return static_cast<Mode>(k);
+  return std::nullopt;
+}
 
 Mode mode() {
   int m = g_mode.load(std::memory_order_relaxed);
@@ -245,8 +251,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& gy, co
   return {gx, gw, gb};
 }
 
-bool can_run_side_by_side() { return at::get_num_threads() >= 2 && !at::in_parallel_region(); }
-
 void side_by_side(const std::function<void()>& a, const std::function<void()>& b) {
   if (!can_run_side_by_side()) {
     a();
@@ -267,20 +271,11 @@ namespace {
 // Test and benchmark hook: returns the mode ("0", "1" or "auto") and, given one, sets it, so that one
 // process can run both paths (tests/test_conv.py, benchmarks/bench_conv_gemm.py).
 std::string conv_gemm_mode(const std::optional<std::string>& m) {
-  using pymaml::conv_gemm::Mode;
-  static const char* names[] = {"0", "1", "auto"};
-  if (!m.has_value()) return names[static_cast<int>(pymaml::conv_gemm::mode())];
-  Mode next;
-  if (*m == "0") {
-    next = Mode::kNever;
-  } else if (*m == "1") {
-    next = Mode::kAlways;
-  } else if (*m == "auto") {
-    next = Mode::kAuto;
-  } else {
-    TORCH_CHECK_VALUE(false, "conv_gemm_mode: mode must be '0', '1' or 'auto', got '", *m, "'");
-  }
-  return names[static_cast<int>(pymaml::conv_gemm::set_mode(next))];
+  using namespace pymaml::conv_gemm;
+  if (!m.has_value()) return kModeNames[static_cast<int>(mode())];
+  const auto next = parse_mode(*m);
+  TORCH_CHECK_VALUE(next.has_value(), "conv_gemm_mode: mode must be '0', '1' or 'auto', got '", *m, "'");
+  return kModeNames[static_cast<int>(set_mode(*next))];
 }
 }  // namespace
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .buffers import batch_norm_policy
+from .layout import has_conv2d
 
 __all__ = ["Task", "inner_loop", "adapt", "split_params", "LrPlan"]
 
@@ -199,7 +200,7 @@ _HAS_CONV2D: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDicti
 def _has_conv2d(model: nn.Module) -> bool:
     has = _HAS_CONV2D.get(model)
     if has is None:
-        has = _HAS_CONV2D[model] = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        has = _HAS_CONV2D[model] = has_conv2d(model)
     return has
 
 

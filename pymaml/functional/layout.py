@@ -38,13 +38,18 @@ __all__ = ["MEMORY_FORMATS", "resolve", "to_layout", "like", "is_layout_error"]
 MEMORY_FORMATS = ("auto", "channels_last", "preserve")
 
 
+def has_conv2d(model: nn.Module) -> bool:
+    """Whether the model holds an ``nn.Conv2d``."""
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
 def resolve(op: str, memory_format: str, model: nn.Module, params: Sequence[Tensor], batched: bool) -> str:
     """The layout that runs: ``"channels_last"`` or ``"preserve"``."""
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(f"{op}: memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
     if memory_format != "auto":
         return memory_format
-    conv2d = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    conv2d = has_conv2d(model)
     on_cpu = bool(params) and all(p.device.type == "cpu" for p in params)
     return "channels_last" if conv2d and on_cpu and not batched else "preserve"
 

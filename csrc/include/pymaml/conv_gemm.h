@@ -5,8 +5,8 @@
 // images of 64 channels at 14×14, 7×7, 4×4), and a second-order meta-step runs six gradient
 // kernels (weight or input) for each convolution of an inner step's forward pass: two in the inner
 // backward, two in the outer backward of that convolution and two in its second derivative.
-// oneDNN's gradient kernels pay a fixed cost per call that is large next to such a layer's work. Here, for a non-grouped, non-dilated 2-D convolution, with
-// K = kH·kW·C and the buffer
+// oneDNN's gradient kernels pay a fixed cost per call that is large next to such a layer's work.
+// Here, for a non-grouped, non-dilated 2-D convolution, with K = kH·kW·C and the buffer
 //
 //   cols[(n, oh, ow), (kh, kw, c)] = x[n, c, oh·sH − pH + kh, ow·sW − pW + kw]   (0 outside),
 //
@@ -28,6 +28,8 @@
 
 #include <array>
 #include <functional>
+#include <optional>
+#include <string>
 #include <tuple>
 
 namespace pymaml {
@@ -37,6 +39,8 @@ namespace conv_gemm {
 // every one it can compute, unset or "auto" the measured size rule in conv_gemm.cpp. set_mode (and
 // the test op torch.ops.pymaml_testing.conv_gemm_mode) changes it and returns the previous mode.
 enum class Mode { kNever = 0, kAlways = 1, kAuto = 2 };
+inline constexpr const char* kModeNames[] = {"0", "1", "auto"};  // indexed by Mode
+std::optional<Mode> parse_mode(const std::string& name);          // nullopt for other names
 Mode mode();
 Mode set_mode(Mode m);
 
@@ -57,7 +61,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& gy, co
 // kernels, which gain little from a second thread each. The first exception either throws is
 // rethrown.
 void side_by_side(const std::function<void()>& a, const std::function<void()>& b);
-bool can_run_side_by_side();
 
 }  // namespace conv_gemm
 }  // namespace pymaml
